@@ -55,7 +55,8 @@ class SentencePieceTokenizer(Tokenizer):
         matchable = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())
                      if self.sp.is_control(i) or self.sp.is_unknown(i)]
         matchable = sorted((p for p in matchable if p), key=len, reverse=True)
-        self._special_ids = {self.sp.piece_to_id(p) for p in matchable}
+        # Decoding writes control pieces back; unk keeps SentencePiece's own rendering (" ⁇ ").
+        self._special_ids = {i for i in map(self.sp.piece_to_id, matchable) if self.sp.is_control(i)}
         self._split = re.compile("(" + "|".join(map(re.escape, matchable)) + ")") if matchable else None
 
     def _find_roles(self) -> dict[str, str]:
