@@ -1,0 +1,26 @@
+"""llmkit: every idea of the modern language-model stack as a real, tested, composable PyTorch part."""
+from llmkit.config import PRESETS, ModelConfig
+from llmkit.errors import UserError
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "PRESETS", "UserError", "load", "DecoderLM", "TrainConfig", "train", "generate"]
+
+
+def __getattr__(name: str):
+    """Import heavy parts (torch models, training) only when used, so `llmkit --help` stays fast."""
+    if name == "load":
+        from llmkit.api import load
+        return load
+    if name == "DecoderLM":
+        from llmkit.models.decoder import DecoderLM
+        return DecoderLM
+    if name == "TrainConfig":
+        from llmkit.training.config import TrainConfig
+        return TrainConfig
+    if name == "train":
+        from llmkit.training.loop import train
+        return train
+    if name == "generate":
+        from llmkit.generation.generate import generate
+        return generate
+    raise AttributeError(name)

@@ -1,0 +1,149 @@
+"""`ModelConfig`: the single source of truth for a transformer's shape (litgpt-style).
+
+Every architectural variant is a field here, switched on by name from a registry in `llmkit.nn`;
+a preset is just a named set of field values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+from llmkit.utils import atomic_write_text
+
+MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer. `None` fields are derived in `__post_init__`."""
+
+    vocab_size: int = 50304
+    context_length: int = 1024
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # < n_heads: grouped-query; 1: multi-query; None: = n_heads
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp: str = "gelu"  # one of MLP_KINDS
+    d_ff: int | None = None  # MLP hidden size; None: 4*d_model (gelu) or 8/3*d_model rounded (swiglu)
+    norm: str = "layernorm"  # one of NORM_KINDS
+    norm_eps: float = 1e-5
+    position: str = "learned"  # one of POSITION_KINDS
+    rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # context extension (e.g. {"type": "llama3", ...})
+    bias: bool = True  # biases on linear layers and norms
+    qkv_bias: bool | None = None  # None: same as bias (Qwen2: True with bias False)
+    sliding_window: int | None = None  # attend only to the last N positions (Mistral)
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads == 0:
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff is None:
+            self.d_ff = _default_d_ff(self.mlp, self.d_model)
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject inconsistent shapes with a message that says what to change."""
+        positive = ("vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            raise UserError(
+                f"config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                "change one of them or set head_dim explicitly"
+            )
+        if self.n_heads % self.n_kv_heads != 0:
+            raise UserError(
+                f"config: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}: "
+                f"pick n_kv_heads from {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
+            )
+        for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("position", POSITION_KINDS)):
+            if getattr(self, name) not in kinds:
+                raise UserError(f"config: unknown {name} {getattr(self, name)!r}: choose one of {', '.join(kinds)}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise UserError(f"config: RoPE needs an even head_dim, got {self.head_dim}: change d_model or n_heads")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise UserError(f"config: sinusoidal positions need an even d_model, got {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0:
+            raise UserError(f"config: norm_eps must be > 0, got {self.norm_eps}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise UserError(f"config: sliding_window must be a positive integer or null, got {self.sliding_window}")
+
+    @property
+    def n_query_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "llmkit", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"config: unknown keys {unknown}: valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        except ValueError as e:
+            raise UserError(f"config file {path} is not valid JSON ({e}): fix or re-create it") from None
+        if not isinstance(d, dict):
+            raise UserError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _default_d_ff(mlp: str, d_model: int) -> int:
+    if mlp == "swiglu":  # keep the parameter count of a 4x GELU MLP (LLaMA paper), rounded to 64
+        return int(-(-(8 * d_model // 3) // 64) * 64)
+    return 4 * d_model
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few-thousand-parameter model for tests.
+    "tiny": dict(vocab_size=256, context_length=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                 mlp="swiglu", norm="rmsnorm", position="rope", bias=False),
+    # nanoGPT's CPU "baby GPT" for the character-level Shakespeare run.
+    "baby-gpt": dict(vocab_size=65, context_length=64, n_layers=4, d_model=128, n_heads=4,
+                     mlp="gelu", norm="layernorm", position="learned", bias=True),
+    # GPT-2 small (124M).
+    "gpt2": dict(vocab_size=50257, context_length=1024, n_layers=12, d_model=768, n_heads=12,
+                 mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True),
+    # SmolLM-135M shape (a Llama): GQA 9/3, SwiGLU, RMSNorm, RoPE.
+    "llama-small": dict(vocab_size=49152, context_length=2048, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3,
+                        d_ff=1536, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, position="rope",
+                        rope_base=10000.0, bias=False, tie_embeddings=True, init_std=0.02),
+}

@@ -1,0 +1,1 @@
+"""Data: text sources -> token ids cached on disk -> random windows for causal-LM training."""

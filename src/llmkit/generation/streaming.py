@@ -1,0 +1,51 @@
+"""Incremental detokenisation. Decoding token by token breaks multi-byte characters (byte-level
+BPE emits half a UTF-8 sequence) and would print the start of a stop string before we know it is
+one; so we decode the whole continuation and emit only the part that is final."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might still become a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                longest = max(longest, n)
+                break
+    return longest
+
+
+class TextStreamer:
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def put(self, token: int) -> str:
+        """Add a token; return the newly final text (possibly empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stops:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.stopped = True
+                piece, self.emitted = text[self.emitted:at], at
+                return piece
+        end = len(text)
+        while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
+            end -= 1
+        end = max(self.emitted, end - _held_back(text[:end], self.stops))
+        piece, self.emitted = text[self.emitted:end], end
+        return piece
+
+    def finish(self) -> str:
+        """Flush what was held back (the stream ended without completing a stop string)."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece

@@ -1,0 +1,126 @@
+"""A model directory: `config.json` + `model.safetensors` + the tokenizer's files.
+
+Only safe formats load by default (safetensors); pickled `.bin`/`.pt` weights need an explicit
+opt-in and then go through `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmkit.config import ModelConfig
+from llmkit.errors import UserError
+from llmkit.models.decoder import DecoderLM
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each shared storage once (tied LM head is dropped; it is re-tied on load)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and name == "lm_head.weight":
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Atomic safetensors write (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read weights {path}: {e}; the file is truncated or corrupt, restore it or re-save") from None
+
+
+def save_model(model: DecoderLM, directory: str | Path, tokenizer=None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(state_dict_for_saving(model), directory / WEIGHTS)
+    model.cfg.save(directory / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               allow_pickle: bool = False) -> DecoderLM:
+    """Build the model from `config.json` and load its weights; strict about missing/extra tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"model directory not found: {directory}: pass a run or model directory")
+    if not (directory / CONFIG).is_file():
+        raise UserError(f"{directory} holds no model (no {CONFIG}): pass a run directory written by `llmkit train`")
+    cfg = ModelConfig.load(directory / CONFIG)
+    state = _read_state(directory, allow_pickle)
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = _diff_keys(model, state)
+    if missing or unexpected:
+        raise UserError(f"weights in {directory} do not match config.json: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}; the files come from different models")
+    for name, t in state.items():
+        expected = _param(model, name).shape
+        if t.shape != expected:
+            raise UserError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies {tuple(expected)}: "
+                            "the weights and config come from different models")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    _materialize_buffers(model, cfg)
+    model = model.to(device=device)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()
+
+
+def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS).is_file():
+        return load_weights(directory / WEIGHTS)
+    pickled = [p for p in ("pytorch_model.bin", "model.pt") if (directory / p).is_file()]
+    if pickled and not allow_pickle:
+        raise UserError(f"{directory / pickled[0]} is a pickled checkpoint, which can run code when loaded: "
+                        "convert it to safetensors, or pass allow_pickle=True if you trust it")
+    if pickled:
+        return torch.load(directory / pickled[0], map_location="cpu", weights_only=True)
+    raise UserError(f"{directory} has {CONFIG} but no {WEIGHTS}: the save was interrupted; restore the weights file")
+
+
+def _diff_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    expected = {k for k in model.state_dict() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    return model.state_dict()[name]
+
+
+def _materialize_buffers(model: DecoderLM, cfg: ModelConfig) -> None:
+    """Non-persistent buffers (RoPE tables, sinusoid tables) were built on the meta device: rebuild."""
+    fresh = type(model.pos)(cfg)
+    for name, buf in fresh.named_buffers():
+        setattr(model.pos, name, buf)
+    if hasattr(fresh, "_cache_len"):
+        model.pos._cache_len = fresh._cache_len

@@ -1,0 +1,3 @@
+from llmkit.models.decoder import DecoderLM
+
+__all__ = ["DecoderLM"]

@@ -1,0 +1,41 @@
+"""Position-wise feed-forward networks: the GELU MLP (GPT-2) and SwiGLU (Shazeer, "GLU Variants
+Improve Transformer", 2020), as used by LLaMA."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class GeluMLP(nn.Module):
+    approximate = "none"
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
+
+
+class GeluTanhMLP(GeluMLP):
+    """GPT-2's tanh approximation of GELU ("gelu_new" in transformers)."""
+
+    approximate = "tanh"
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU}

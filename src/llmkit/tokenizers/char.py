@@ -1,0 +1,60 @@
+"""Character-level tokenizer: one id per distinct character of the training text (nanoGPT's
+shakespeare_char). Tiny vocabulary, no unknown handling: a character never seen is an error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from llmkit.errors import UserError
+from llmkit.tokenizers.base import Tokenizer, register
+from llmkit.utils import atomic_write_text
+
+FILENAME = "char_tokenizer.json"
+
+
+@register
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        if not text:
+            raise UserError("cannot build a character vocabulary from empty text: give a non-empty file")
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            missing = sorted({c for c in text if c not in self.stoi})
+            raise UserError(
+                f"text has characters outside the character vocabulary: {''.join(missing)!r}; "
+                "use only characters seen in training, or train with --tokenizer bpe"
+            ) from None
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def save(self, directory: str | Path) -> None:
+        atomic_write_text(Path(directory) / FILENAME, json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False))
+
+    @classmethod
+    def can_load(cls, directory: Path) -> bool:
+        return (directory / FILENAME).is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CharTokenizer":
+        path = Path(directory) / FILENAME
+        try:
+            return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"corrupt character tokenizer {path}: {e}; re-train or restore the file") from None
