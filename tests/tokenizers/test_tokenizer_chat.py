@@ -142,3 +142,42 @@ def test_trained_tokenizer_chat_markers_are_single_ids(shakespeare_slice):
     text, spans = tok.apply_chat_template_with_spans(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}])
     assert [text[s:e] for s, e in spans] == ["hello there"]
+
+
+SFT_CHAT = [
+    {"role": "system", "content": "Be nice."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello, friend 😀!"},
+    {"role": "user", "content": "More?"},
+    {"role": "assistant", "content": "Sure: ещё."},
+]
+
+
+def test_encode_chat_masks_exactly_assistant_tokens_with_offsets(gpt2_dir):
+    from llmkit.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(gpt2_dir)
+    ids, mask = tok.encode_chat(SFT_CHAT)
+    assert ids == tok.encode(tok.apply_chat_template(SFT_CHAT))  # whole-text ids, unchanged by masking
+    masked = tok.decode([i for i, m in zip(ids, mask) if m])
+    # Whole-text BPE may merge across a span edge (".<" of "<|im_end|>"): such tokens count as targets.
+    assert masked.startswith("Hello, friend 😀!") and "Sure: ещё." in masked and len(masked) <= 29
+
+
+def test_encode_chat_sentencepiece_path_masks_assistant_tokens(llama_model):
+    from llmkit.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(llama_model)
+    ids, mask = tok.encode_chat(SFT_CHAT)
+    assert len(ids) == len(mask)
+    assert ids == tok.encode(tok.apply_chat_template(SFT_CHAT))
+    masked = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert masked.startswith("Hello, friend 😀!") and "Sure: ещё." in masked and len(masked) <= 30
+
+
+def test_encode_with_spans_generic_path_splits_at_span_edges():
+    from llmkit.tokenizers import CharTokenizer
+
+    tok = CharTokenizer("abcd")
+    ids, mask = tok.encode_with_spans("abcdab", [(1, 3), (4, 5)])
+    assert ids == tok.encode("abcdab") and mask == [0, 1, 1, 0, 1, 0]

@@ -169,6 +169,31 @@ class Tokenizer(ABC):
             messages, self.chat_template, add_generation_prompt, **self._template_tokens(), **extra
         )
 
+    def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Ids of `text` and a 0/1 mask marking tokens inside the character `spans` (loss targets).
+
+        This generic path encodes the pieces between span edges separately, so a token never
+        straddles an edge; kinds with character offsets override it to keep whole-text ids.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        pos = 0
+        for start, end in sorted(spans):
+            for piece, flag in ((text[pos:start], 0), (text[start:end], 1)):
+                piece_ids = self.encode(piece) if piece else []
+                ids += piece_ids
+                mask += [flag] * len(piece_ids)
+            pos = end
+        tail = self.encode(text[pos:]) if pos < len(text) else []
+        return ids + tail, mask + [0] * len(tail)
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], **extra: Any
+    ) -> tuple[list[int], list[int]]:
+        """Ids of a rendered conversation and the mask of assistant-content tokens, for SFT."""
+        text, spans = self.apply_chat_template_with_spans(messages, **extra)
+        return self.encode_with_spans(text, spans)
+
     def _template_tokens(self) -> dict[str, str]:
         """Special tokens as templates see them (`bos_token`, `eos_token`, ...), as transformers passes them."""
         tokens = {f"{role}_token": tok for role, tok in self.special_token_strings().items()}

@@ -118,6 +118,13 @@ class HFTokenizer(Tokenizer):
             ids = ids + [eos]
         return ids
 
+    def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Whole-text ids; a token is a target when its characters overlap a span (from offsets)."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        mask = [int(any(s < e_tok and s_tok < e for s, e in spans) if e_tok > s_tok else
+                    any(s <= s_tok < e for s, e in spans)) for s_tok, e_tok in enc.offsets]
+        return enc.ids, mask
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

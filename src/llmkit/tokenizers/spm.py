@@ -83,6 +83,26 @@ class SentencePieceTokenizer(Tokenizer):
                 ids = ids + [self.eos_id]
         return ids
 
+    def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Whole-text ids; each token's characters are found by decoding growing prefixes (quadratic,
+        fine for chat samples), since SentencePiece's Python API gives no offsets without protobuf."""
+        ids = self.encode(text)
+        ends: list[int | None] = []
+        for k in range(len(ids)):
+            prefix = self.decode(ids[: k + 1])
+            ends.append(len(prefix) if text.startswith(prefix) else None)  # None: inside a split character
+        mask, start, pending = [0] * len(ids), 0, []
+        for k, end in enumerate(ends):
+            pending.append(k)
+            if end is None and k < len(ids) - 1:
+                continue
+            end = len(text) if end is None else end
+            hit = int(any(s < end and start < e for s, e in spans))
+            for j in pending:
+                mask[j] = hit
+            start, pending = end, []
+        return ids, mask
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
