@@ -54,14 +54,14 @@ def unigram_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shakespeare() -> str:
+def shakespeare_text() -> str:
     return data_file("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
-def shakespeare_slice(shakespeare: str) -> str:
+def shakespeare_slice(shakespeare_text: str) -> str:
     """Enough text to train small vocabularies in well under a second."""
-    return shakespeare[:150_000]
+    return shakespeare_text[:150_000]
 
 
 @pytest.fixture(scope="session")

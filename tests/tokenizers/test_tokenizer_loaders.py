@@ -51,8 +51,8 @@ def test_gpt2_equals_transformers_gpt2_tokenizer(gpt2, gpt2_dir, multi_text):
         assert gpt2.decode(ids) == ref.decode(ids, clean_up_tokenization_spaces=False)
 
 
-def test_gpt2_tinyshakespeare_has_338025_tokens(gpt2, shakespeare):
-    assert len(gpt2.encode(shakespeare)) == 338_025
+def test_gpt2_tinyshakespeare_has_338025_tokens(gpt2, shakespeare_text):
+    assert len(gpt2.encode(shakespeare_text)) == 338_025
 
 
 def test_gpt2_special_token_in_text_is_one_id(gpt2):
