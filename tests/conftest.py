@@ -1,0 +1,28 @@
+"""Shared fixtures: paths to ../shared/data (skip when absent) and tiny configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def shakespeare(shared_data) -> Path:
+    path = shared_data / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip("tinyshakespeare is not present")
+    return path
