@@ -1,0 +1,305 @@
+"""Hugging Face model directories in and out: `load_hf(dir)` builds a `DecoderLM` from
+config.json + safetensors (one file or shards with an index), `export_hf(model, ...)` writes a
+directory `transformers.AutoModelForCausalLM.from_pretrained` reads with the same logits.
+
+Loading never materialises the checkpoint twice: the model is built on the meta device, tensors
+come from memory-mapped safetensors one at a time (so only the fused q/k/v and casts allocate new
+memory) and are assigned in place (`load_state_dict(assign=True)`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from llmkit.config import ModelConfig
+from llmkit.errors import UserError
+from llmkit.interop.dtypes import SAFETENSORS_DTYPES, check_runnable, parse_dtype
+from llmkit.interop.families import TRANSFORMS, Family, Rule, family_for_export, family_of
+from llmkit.model_io import save_weights, state_dict_for_saving
+from llmkit.models.decoder import DecoderLM
+from llmkit.utils import atomic_write_text
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.safetensors$")
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# --- reading a directory ---------------------------------------------------------------------
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG
+    if not path.is_file():
+        raise UserError(f"{directory} has no {CONFIG}: pass a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): download it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object: download it again")
+    return config
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A folder with a config.json that is not llmkit's own."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("model_type") != "llmkit"
+    except (ValueError, AttributeError):
+        return True  # let read_config report the broken file
+
+
+def _shard_gaps(files: list[Path]) -> list[str]:
+    """Names of `stem-0000k-of-0000n.safetensors` shards absent from a set of files."""
+    groups: dict[tuple[str, str], set[int]] = {}
+    widths: dict[tuple[str, str], int] = {}
+    for f in files:
+        m = _SHARD.match(f.name)
+        if m:
+            key = (m["stem"], m["total"])
+            groups.setdefault(key, set()).add(int(m["n"]))
+            widths[key] = len(m["n"])
+    return [f"{stem}-{k:0{widths[(stem, total)]}d}-of-{total}.safetensors"
+            for (stem, total), have in groups.items() for k in range(1, int(total) + 1) if k not in have]
+
+
+def _index_map(directory: Path) -> dict[str, Path]:
+    path = directory / INDEX
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a valid safetensors index ({e}): download it again") from None
+    missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+    if missing:
+        raise UserError(f"{INDEX} in {directory} points to missing file(s) {', '.join(missing[:3])}: "
+                        "download the missing shard(s) again")
+    return {name: directory / f for name, f in weight_map.items()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}; the file is truncated or corrupt, download it again") from None
+
+
+def _scan_map(directory: Path) -> dict[str, Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{directory} has {CONFIG} but no *.safetensors weights: download the safetensors "
+                        "files (pickled pytorch_model.bin is not read)")
+    gaps = _shard_gaps(files)
+    if gaps:
+        raise UserError(f"shard {', '.join(gaps[:3])} is missing from {directory}: download it again")
+    out: dict[str, Path] = {}
+    for f in files:
+        out.update({name: f for name in _open(f).keys()})
+    return out
+
+
+class Checkpoint:
+    """Tensors of one or many memory-mapped safetensors files, by (fixed-up) HF name, read lazily."""
+
+    def __init__(self, where: dict[str, Path], family: Family):
+        self._where: dict[str, tuple[Path, str]] = {}
+        for name, path in where.items():
+            fixed = name
+            for pattern, repl in family.key_fixups:
+                fixed = re.sub(pattern, repl, fixed)
+            self._where[fixed] = (path, name)
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def _slice(self, name: str):
+        path, original = self._where[name]
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        try:
+            return self._handles[path].get_slice(original)
+        except (SafetensorError, KeyError) as e:
+            raise UserError(f"{path} lacks tensor {original} ({e}): the index and the shard disagree, "
+                            "download both again") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        tag = self._slice(name).get_dtype()
+        if tag not in SAFETENSORS_DTYPES:
+            raise UserError(f"tensor {name} is stored as {tag}: llmkit loads F32, BF16 and F16 checkpoints "
+                            "(dequantize it first)")
+        return SAFETENSORS_DTYPES[tag]
+
+    def get(self, name: str) -> torch.Tensor:
+        path, original = self._where[name]
+        self._slice(name)  # opens the file and checks the tensor is there
+        try:
+            return self._handles[path].get_tensor(original)
+        except SafetensorError as e:
+            raise UserError(f"cannot read tensor {original} from {path}: {e}; the file is corrupt, "
+                            "download it again") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@contextmanager
+def open_checkpoint(directory: Path, family: Family) -> Iterator[Checkpoint]:
+    where = _index_map(directory) if (directory / INDEX).is_file() else _scan_map(directory)
+    ckpt = Checkpoint(where, family)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+
+
+# --- the table, applied ----------------------------------------------------------------------
+
+def _match(rules: tuple[Rule, ...], name: str) -> tuple[Rule, str | None]:
+    for rule in rules:
+        m = rule.pattern().match(name)
+        if m:
+            return rule, m.groupdict().get("i")
+    raise RuntimeError(f"no conversion rule for llmkit tensor {name}")  # a gap in the table: our bug
+
+
+def expected_hf_shapes(rule: Rule, shape: torch.Size, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Shapes the HF tensors of `rule` must have: run the export transform on a meta tensor."""
+    return [tuple(t.shape) for t in TRANSFORMS[rule.transform][1](torch.empty(shape, device="meta"), cfg)]
+
+
+def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, torch.Size], ckpt: Checkpoint,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """llmkit state dict built from the checkpoint by the family's table, every shape checked
+    before any data is read; strict both ways (a missing or an unused tensor is an error)."""
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, shape in expected.items():
+        rule, layer = _match(family.tensors, name)
+        hf_names = rule.hf_names(layer)
+        present = [n in ckpt for n in hf_names]
+        if rule.zero_if_absent and not any(present):
+            state[name] = torch.zeros(shape, dtype=dtype)
+            continue
+        if not all(present):
+            lost = hf_names[present.index(False)]
+            raise UserError(f"checkpoint lacks tensor {lost} (llmkit {name}): the weights are incomplete or "
+                            f"were saved for another config.json; download them again")
+        for hf_name, want in zip(hf_names, expected_hf_shapes(rule, shape, cfg)):
+            got = ckpt.shape(hf_name)
+            if got != want:
+                raise UserError(f"tensor {hf_name} has shape {got} but config.json implies {want}: "
+                                "the weights and config.json come from different models")
+            ckpt.dtype(hf_name)  # rejects quantized storage
+        tensor = TRANSFORMS[rule.transform][0]([ckpt.get(n) for n in hf_names], cfg)
+        state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+        used.update(hf_names)
+    ignore = [re.compile(p) for p in family.ignore] + ([re.compile(r"^lm_head\.weight$")] if cfg.tie_embeddings else [])
+    extra = sorted(n for n in ckpt.names() - used if not any(p.search(n) for p in ignore))
+    if extra:
+        raise UserError(f"checkpoint has tensors llmkit would not use ({', '.join(extra[:3])}): config.json "
+                        "does not describe these weights; check it belongs to this checkpoint")
+    return state
+
+
+def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The same table run backwards: HF tensor name -> tensor, each its own contiguous storage."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        rule, layer = _match(family.tensors, name)
+        parts = TRANSFORMS[rule.transform][1](tensor.detach(), cfg)
+        for hf_name, part in zip(rule.hf_names(layer), parts):
+            part = part if dtype is None else part.to(dtype)
+            out[hf_name] = part
+    return out
+
+
+def _rebuild_buffers(model: DecoderLM) -> None:
+    """Non-persistent buffers (RoPE / sinusoid tables) were built on meta: build them for real."""
+    fresh = type(model.pos)(model.cfg)
+    for name, buf in fresh.named_buffers():
+        setattr(model.pos, name, buf)
+    if hasattr(fresh, "_cache_len"):
+        model.pos._cache_len = fresh._cache_len
+
+
+# --- public API ------------------------------------------------------------------------------
+
+def config_from_hf(directory: str | Path) -> ModelConfig:
+    """The `ModelConfig` of an HF directory (no weights read)."""
+    config = read_config(Path(directory))
+    return family_of(config).to_llmkit(config)
+
+
+def load_hf(directory: str | Path, device: str | torch.device = "cpu",
+            dtype: str | torch.dtype | None = None) -> DecoderLM:
+    """A `DecoderLM` with the weights of an HF directory, in the checkpoint's dtype unless `dtype`
+    asks for another. Unsupported architectures, missing shards, shape mismatches and unreadable
+    files raise UserError."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"model directory not found: {directory}: pass a Hugging Face model directory")
+    config = read_config(directory)
+    family = family_of(config)
+    cfg = family.to_llmkit(config)
+    wanted = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    with open_checkpoint(directory, family) as ckpt:
+        emb = family.tensors[0].hf[0]
+        target = wanted or (ckpt.dtype(emb) if emb in ckpt else torch.float32)
+        check_runnable(target, device)
+        state = hf_to_llmkit_state(family, cfg, expected, ckpt, target)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    _rebuild_buffers(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
+    return model.to(device=device, dtype=target).eval()
+
+
+def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", family: str | None = None,
+              dtype: str | torch.dtype | None = None) -> Path:
+    """Write `model` (and `tokenizer`) as a Hugging Face directory of `family` (default: the one
+    whose shape fits; UserError when none does)."""
+    cfg = model.cfg
+    fam = family_for_export(cfg, family)
+    wanted = parse_dtype(dtype)
+    tensors = llmkit_to_hf_state(fam, cfg, state_dict_for_saving(model), wanted)
+    stored = wanted or model.tok_emb.weight.dtype
+    config: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type,
+                              **fam.from_llmkit(cfg), "dtype": _TORCH_DTYPE_NAMES.get(stored, "float32")}
+    if tokenizer is not None:
+        config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                                         ("pad_token_id", tokenizer.pad_id)) if v is not None})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(tensors, out / WEIGHTS)
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+__all__ = ["load_hf", "export_hf", "config_from_hf", "is_hf_dir", "read_config"]
