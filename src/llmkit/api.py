@@ -7,8 +7,8 @@ from typing import Iterator
 
 import torch
 
+from llmkit.errors import UserError
 from llmkit.generation.generate import GenerationConfig, generate, stream
-from llmkit.model_io import load_model
 from llmkit.models.decoder import DecoderLM
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 
@@ -28,7 +28,27 @@ class LanguageModel:
         return stream(self.model, self.tokenizer, prompt, GenerationConfig(**settings))
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
-    """Load a model directory (an llmkit run directory) with its tokenizer."""
-    model = load_model(path, device=device, dtype=dtype)
+def load_model_any(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype | None = None) -> DecoderLM:
+    """The model of an llmkit run/model directory or of a Hugging Face directory (told apart by
+    config.json's model_type). A llama2.c .bin must be converted first: it has no tokenizer."""
+    from llmkit.interop.convert import detect_format
+    from llmkit.interop.dtypes import parse_dtype
+    from llmkit.interop.hf import load_hf
+    from llmkit.model_io import load_model
+
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "llama2c":
+        raise UserError(f"{path} is a llama2.c checkpoint: convert it first with "
+                        f"`llmkit convert {path} --tokenizer TOKENIZER.model --out DIR`, then load DIR")
+    if fmt == "hf":
+        return load_hf(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=parse_dtype(dtype))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> LanguageModel:
+    """Load an llmkit run directory or a Hugging Face model directory with its tokenizer.
+    `dtype` (torch dtype or "fp32"/"bf16"/"fp16") casts; None keeps the stored dtype."""
+    model = load_model_any(path, device=device, dtype=dtype)
     return LanguageModel(model, load_tokenizer(path), Path(path))

@@ -1,0 +1,121 @@
+"""Convert between checkpoint formats: llmkit directory, Hugging Face directory, llama2.c `.bin`.
+
+`convert()` is what `llmkit convert` runs. The output is written into a temporary sibling folder
+and renamed into place at the end, so a failure never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmkit.errors import UserError
+from llmkit.interop.dtypes import parse_dtype
+from llmkit.interop.families import family_for_export
+from llmkit.interop.hf import export_hf, is_hf_dir, load_hf
+from llmkit.interop.llama2c import load_llama2c
+from llmkit.model_io import load_model, save_model
+from llmkit.models.decoder import DecoderLM
+from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+
+FORMATS = ("llmkit", "hf", "llama2c")
+TARGETS = ("llmkit", "hf")
+# files whose presence means "this folder carries a tokenizer" (then it must load)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def detect_format(path: str | Path) -> str:
+    """"llmkit" | "hf" (directories, by config.json) or "llama2c" (a .bin file)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".bin":
+            return "llama2c"
+        raise UserError(f"{path} is a file llmkit cannot convert: pass a model directory (config.json + "
+                        "safetensors) or a llama2.c .bin checkpoint")
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: pass a model directory or a llama2.c .bin file")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass an llmkit or Hugging Face model directory")
+    return "hf" if is_hf_dir(path) else "llmkit"
+
+
+LOADERS: dict[str, Callable[[Path, torch.dtype | None], DecoderLM]] = {
+    "llmkit": lambda p, dtype: load_model(p, dtype=dtype),
+    "hf": lambda p, dtype: load_hf(p, dtype=dtype),
+    "llama2c": lambda p, dtype: load_llama2c(p, dtype=dtype),
+}
+
+
+def load_any(path: str | Path, dtype: str | torch.dtype | None = None) -> DecoderLM:
+    """A model from any format llmkit reads."""
+    return LOADERS[detect_format(path)](Path(path), parse_dtype(dtype))
+
+
+def find_tokenizer(source: Path, tokenizer: str | Path | None) -> Tokenizer | None:
+    """The tokenizer given explicitly, else the one inside the source folder, else None."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if source.is_dir() and any((source / f).is_file() for f in TOKENIZER_FILES):
+        return load_tokenizer(source)
+    return None
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty: choose a new directory or pass --force to replace it")
+
+
+@dataclass
+class Converted:
+    out: Path
+    source_format: str
+    target: str
+    family: str | None
+    n_params: int
+    tokenizer: bool
+
+
+def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str | Path | None = None,
+            dtype: str | torch.dtype | None = None, family: str | None = None, force: bool = False) -> Converted:
+    """Read `src` in any known format and write it to `out` as `to` ("llmkit" or "hf")."""
+    src, out = Path(src), Path(out)
+    if to not in TARGETS:
+        raise UserError(f"unknown target format {to!r}: choose one of {', '.join(TARGETS)}")
+    if family is not None and to != "hf":
+        raise UserError("--family only applies to --to hf: drop it or add --to hf")
+    _prepare_out(out, force)
+    fmt = detect_format(src)
+    model = load_any(src, dtype)
+    tok = find_tokenizer(src, tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        written_family = None
+        if to == "hf":
+            written_family = family_for_export(model.cfg, family).name
+            export_hf(model, tok, tmp, family=written_family)
+        else:
+            save_model(model, tmp, tok)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Converted(out, fmt, to, written_family, model.num_params(), tok is not None)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old `out` (allowed by --force) goes only after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

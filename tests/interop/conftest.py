@@ -1,0 +1,42 @@
+"""Fixtures for interop tests: the tiny random HF models saved once per session, and the real
+stories260K weights (skipped when ../shared/data is absent)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from interop_helpers import HF_MODELS, STORIES, random_hf_model, transformers
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory holding the saved random model (config.json + model.safetensors)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name in HF_MODELS:
+        random_hf_model(name).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_models(hf_dirs) -> dict[str, object]:
+    """name -> the reference transformers model, reloaded from its saved directory."""
+    return {name: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+            for name, d in hf_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tmp_path_factory) -> Path:
+    """The llama test model saved in many shards with a model.safetensors.index.json."""
+    d = tmp_path_factory.mktemp("sharded") / "llama"
+    random_hf_model("llama").save_pretrained(d, safe_serialization=True, max_shard_size="40KB")
+    return d
+
+
+@pytest.fixture
+def stories() -> Path:
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("../shared/data/models/stories260K is not present")
+    return STORIES
