@@ -75,25 +75,31 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     state = _read_state(directory, allow_pickle)
     with torch.device("meta"):
         model = DecoderLM(cfg)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = _diff_keys(model, state)
-    if missing or unexpected:
-        raise UserError(f"weights in {directory} do not match config.json: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}; the files come from different models")
-    for name, t in state.items():
-        expected = _param(model, name).shape
-        if t.shape != expected:
-            raise UserError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies {tuple(expected)}: "
-                            "the weights and config come from different models")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    assign_weights(model, state, directory, assign=True)
     _materialize_buffers(model, cfg)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+def assign_weights(model: DecoderLM, state: dict[str, torch.Tensor], source: str | Path, assign: bool = False) -> None:
+    """Load `state` into `model`, refusing missing, extra or mis-shaped tensors with a clear error."""
+    state = dict(state)
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = _diff_keys(model, state)
+    if missing or unexpected:
+        raise UserError(f"weights in {source} do not match the model config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}; the files come from different models")
+    expected = model.state_dict()
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise UserError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config implies "
+                            f"{tuple(expected[name].shape)}: the weights and config come from different models")
+    model.load_state_dict(state, strict=False, assign=assign)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
 
 
 def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -111,10 +117,6 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def _diff_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     expected = {k for k in model.state_dict() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     return sorted(expected - set(state)), sorted(set(state) - expected)
-
-
-def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
-    return model.state_dict()[name]
 
 
 def _materialize_buffers(model: DecoderLM, cfg: ModelConfig) -> None:

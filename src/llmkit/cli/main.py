@@ -8,7 +8,7 @@ import sys
 
 from llmkit.errors import UserError
 
-VERBS = ["train", "generate", "demo", "presets", "tokenizer"]
+VERBS = ["train", "generate", "chat", "demo", "convert", "data", "tokenizer", "presets"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -67,17 +67,21 @@ class WindowSampler:
     context_length: int
     seed: int
 
-    def global_batch(self, step: int, micro: int, global_batch_size: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole batch of one micro-step, identical on every rank (ranks then take slices)."""
-        rng = np.random.default_rng([self.seed, stream, step, micro])
-        starts = rng.integers(0, len(self.tokens) - self.context_length - 1, size=global_batch_size)
-        windows = np.stack([np.asarray(self.tokens[s: s + self.context_length + 1], dtype=np.int64) for s in starts])
-        t = torch.from_numpy(windows)
+    def _starts(self, step: int, size: int, stream: int) -> np.ndarray:
+        """All window starts of one optimizer step (every micro-step of every rank), drawn once from
+        (seed, stream, step): so 2 ranks x batch b, 1 rank x batch 2b and batch b with 2
+        accumulation steps all see the same windows."""
+        rng = np.random.default_rng([self.seed, stream, step])
+        return rng.integers(0, len(self.tokens) - self.context_length - 1, size=size)
+
+    def _windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(np.stack([np.asarray(self.tokens[s: s + self.context_length + 1], dtype=np.int64)
+                                       for s in starts]))
         return t[:, :-1], t[:, 1:]
 
     def batch(self, step: int, micro: int, batch_size: int, rank: int = 0, world: int = 1,
-              stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the global batch: rows rank*b .. (rank+1)*b."""
-        x, y = self.global_batch(step, micro, batch_size * world, stream)
-        rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        return x[rows], y[rows]
+              accum: int = 1, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """This (micro-step, rank)'s rows of the step's global batch; only those windows are read."""
+        starts = self._starts(step, batch_size * world * accum, stream)
+        first = (micro * world + rank) * batch_size
+        return self._windows(starts[first: first + batch_size])

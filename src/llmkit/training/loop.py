@@ -16,7 +16,7 @@ from llmkit.config import ModelConfig
 from llmkit.data.text import fingerprint, read_corpus, text_files
 from llmkit.data.tokens import TokenArray, WindowSampler, read_tokens, train_val_split, write_tokens
 from llmkit.errors import UserError
-from llmkit.model_io import save_model
+from llmkit.model_io import assign_weights, save_model
 from llmkit.models.decoder import DecoderLM
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 from llmkit.training import distributed as D
@@ -130,7 +130,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         weights, saved = load_checkpoint(ckpt)
-        raw_model.load_state_dict(weights, strict=False)
+        assign_weights(raw_model, weights, ckpt)
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"]) if saved.get("scaler") else None
         state.update({k: saved[k] for k in state})
@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
             model.train()
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                x, y = train_data.batch(step, micro, cfg.batch_size, env.rank, env.world)
+                x, y = train_data.batch(step, micro, cfg.batch_size, env.rank, env.world, cfg.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = contextlib.nullcontext() if not env.enabled or micro == cfg.grad_accum - 1 else model.no_sync()
                 with sync:
@@ -241,7 +241,7 @@ def evaluate(model, data: WindowSampler, cfg: TrainConfig, env: D.DistEnv, devic
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(cfg.eval_batches):
-        x, y = data.batch(0, i, cfg.batch_size, env.rank, env.world, stream=1)
+        x, y = data.batch(i, 0, cfg.batch_size, env.rank, env.world, stream=1)
         x, y = x.to(device), y.to(device)
         with autocast:
             logits = model(x)
