@@ -100,9 +100,10 @@ def _reusable(out_dir: Path, key: str) -> dict[str, Any] | None:
 Piece = tuple[str, bool]  # (text, ends a document)
 
 
-def pieces(blocks: Iterable[tuple[str, bool]], can_split: bool, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
+def pieces(blocks: Iterable[tuple[str, bool]], can_split: bool, piece_chars: int | None = None) -> Iterator[Piece]:
     """Regroup source blocks into whole documents, or, when the tokenizer allows, into pieces of
     about `piece_chars` cut at safe newlines (what keeps memory bounded for huge documents)."""
+    piece_chars = piece_chars or PIECE_CHARS
     buf = ""
     for text, end in blocks:
         buf += text
@@ -119,7 +120,8 @@ def pieces(blocks: Iterable[tuple[str, bool]], can_split: bool, piece_chars: int
         yield buf, True
 
 
-def chunks(stream: Iterable[Piece], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[Piece]]:
+def chunks(stream: Iterable[Piece], chunk_chars: int | None = None) -> Iterator[list[Piece]]:
+    chunk_chars = chunk_chars or CHUNK_CHARS
     batch: list[Piece] = []
     size = 0
     for piece in stream:
