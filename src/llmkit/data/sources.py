@@ -139,7 +139,7 @@ def _skip(stats: SourceStats, opts: ReadOptions, error: UserError) -> None:
         raise error
     stats.skipped_records += 1
     if len(stats.skipped_examples) < 5:
-        stats.skipped_examples.append(str(error).split(": pass")[0])
+        stats.skipped_examples.append(str(error).rsplit(": ", 1)[0])  # drop the "do X" advice
 
 
 def _record_text(record: Any, where: str, opts: ReadOptions) -> str:
