@@ -18,6 +18,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class TextStreamer:
+    """Turns a token stream into text pieces that are final: complete characters, no stop-string prefix."""
+
     def __init__(self, tokenizer, stops: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
@@ -49,3 +51,9 @@ class TextStreamer:
         text = self.tokenizer.decode(self.ids)
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (the whole text if none occurs)."""
+    ends = [i for i in (text.find(s) for s in stops if s) if i != -1]
+    return text[:min(ends)] if ends else text
