@@ -76,6 +76,11 @@ def test_generate_streams_text_and_greedy_is_deterministic(capsys, run_dir):
     assert sampled[0] == 0 and len(sampled[1].rstrip("\n")) == 21
 
 
+def test_info_prints_parameters_per_component(capsys, run_dir):
+    code, out, _ = run_cli(capsys, "info", str(run_dir))
+    assert code == 0 and "attn" in out and "mlp" in out and "KV cache" in out and "total" in out
+
+
 def test_train_from_recipe_with_flag_override(capsys, corpus, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"data: {corpus}\npreset: tiny\ncontext_length: 32\nbatch_size: 4\nmax_steps: 50\n"

@@ -190,3 +190,20 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert id(model.tok_emb.weight) not in decayed and id(model.pos.weight) not in decayed
     assert no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_bf16_autocast_trains_on_cpu(corpus, tmp_path):
+    result = train(config(corpus, tmp_path / "run", dtype="bf16", max_steps=6, ckpt_every=0, eval_every=0))
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses.values()) and result.val_loss is not None
+    start = MetricsLog.read(tmp_path / "run" / "metrics.jsonl")[0]
+    assert start["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(corpus, tmp_path):
+    train(config(corpus, tmp_path / "eager", dropout=0.0, max_steps=4, ckpt_every=0))
+    train(config(corpus, tmp_path / "compiled", dropout=0.0, max_steps=4, ckpt_every=0, compile=True))
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4)

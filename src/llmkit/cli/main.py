@@ -8,7 +8,7 @@ import sys
 
 from llmkit.errors import UserError
 
-VERBS = ["train", "generate", "chat", "demo", "convert", "data", "tokenizer", "presets"]
+VERBS = ["train", "generate", "chat", "demo", "convert", "data", "tokenizer", "presets", "info"]
 
 
 class _Parser(argparse.ArgumentParser):
