@@ -2,14 +2,19 @@
 config.json + safetensors (one file or shards with an index), `export_hf(model, ...)` writes a
 directory `transformers.AutoModelForCausalLM.from_pretrained` reads with the same logits.
 
-Loading never materialises the checkpoint twice: the model is built on the meta device, tensors
-come from memory-mapped safetensors one at a time (so only the fused q/k/v and casts allocate new
-memory) and are assigned in place (`load_state_dict(assign=True)`).
+Loading never materialises the checkpoint twice: the model is built with its random init skipped,
+so its parameters are untouched (never resident) memory, and the checkpoint's tensors replace them
+(`load_state_dict(assign=True)`). (Not the meta device: its first use in a process imports torch's
+decompositions, ~70 MB resident, as much as a small checkpoint.) A tensor used as stored is the
+memory-mapped safetensors data itself (no copy); one that must be fused (q/k/v), transposed or cast
+is read with plain file reads into ordinary memory, so the mapped pages it came from never become
+resident on top of the copy.
 """
 from __future__ import annotations
 
 import json
 import re
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,6 +122,7 @@ class Checkpoint:
                 fixed = re.sub(pattern, repl, fixed)
             self._where[fixed] = (path, name)
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -144,17 +150,38 @@ class Checkpoint:
                             "(dequantize it first)")
         return SAFETENSORS_DTYPES[tag]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, mapped: bool = True) -> torch.Tensor:
+        """The tensor; `mapped`: backed by the file's memory map (zero-copy, for use as stored),
+        else read into a fresh tensor (for data about to be transformed into another one)."""
         path, original = self._where[name]
-        self._slice(name)  # opens the file and checks the tensor is there
+        dtype = self.dtype(name)  # also opens the file and checks the tensor is there
+        if not mapped:
+            return self._read(path, original, dtype)
         try:
             return self._handles[path].get_tensor(original)
         except SafetensorError as e:
             raise UserError(f"cannot read tensor {original} from {path}: {e}; the file is corrupt, "
                             "download it again") from None
 
+    def _read(self, path: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if path not in self._headers:  # safetensors: u64 header length, JSON header, raw data
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[path] = (8 + n, json.loads(f.read(n)))
+        start, header = self._headers[path]
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            got = f.readinto(out.view(-1).view(torch.uint8).numpy())
+        if got != end - begin:
+            raise UserError(f"cannot read tensor {name} from {path}: the file is truncated, download it again")
+        return out
+
     def close(self) -> None:
         self._handles.clear()
+        self._headers.clear()
 
 
 @contextmanager
@@ -205,7 +232,8 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
                 raise UserError(f"tensor {hf_name} has shape {got} but config.json implies {want}: "
                                 "the weights and config.json come from different models")
             ckpt.dtype(hf_name)  # rejects quantized storage
-        tensor = TRANSFORMS[rule.transform][0]([ckpt.get(n) for n in hf_names], cfg)
+        as_stored = rule.transform == "copy" and ckpt.dtype(hf_names[0]) == dtype
+        tensor = TRANSFORMS[rule.transform][0]([ckpt.get(n, mapped=as_stored) for n in hf_names], cfg)
         state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
         used.update(hf_names)
     ignore = [re.compile(p) for p in family.ignore] + ([re.compile(r"^lm_head\.weight$")] if cfg.tie_embeddings else [])
@@ -231,13 +259,21 @@ def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.
     return out
 
 
-def _rebuild_buffers(model: DecoderLM) -> None:
-    """Non-persistent buffers (RoPE / sinusoid tables) were built on meta: build them for real."""
-    fresh = type(model.pos)(model.cfg)
-    for name, buf in fresh.named_buffers():
-        setattr(model.pos, name, buf)
-    if hasattr(fresh, "_cache_len"):
-        model.pos._cache_len = fresh._cache_len
+_INIT_FUNCTIONS = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+
+
+@contextmanager
+def _skipping_init() -> Iterator[None]:
+    """Build modules without running their random init: `torch.empty` memory that nobody writes is
+    never paged in, so a model about to receive a checkpoint costs no resident memory."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -260,7 +296,7 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     family = family_of(config)
     cfg = family.to_llmkit(config)
     wanted = parse_dtype(dtype)
-    with torch.device("meta"):
+    with _skipping_init():
         model = DecoderLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
@@ -269,13 +305,11 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
         target = wanted or (ckpt.dtype(emb) if emb in ckpt else torch.float32)
         check_runnable(target, device)
         state = hf_to_llmkit_state(family, cfg, expected, ckpt, target)
-    model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a gap in the family's table: our bug
+        raise RuntimeError(f"conversion table incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    _rebuild_buffers(model)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
     return model.to(device=device, dtype=target).eval()
 
 
