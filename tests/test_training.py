@@ -207,3 +207,27 @@ def test_compiled_model_trains_like_eager(corpus, tmp_path):
     a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4)
+
+
+def test_trains_and_resumes_on_prepared_shards(corpus, tmp_path):
+    from llmkit.data.prepare import prepare
+    from llmkit.data.prepared import open_prepared
+    from llmkit.tokenizers.train import train_tokenizer
+
+    tok = train_tokenizer("bpe", files=[str(corpus)], vocab_size=400)
+    (tmp_path / "tok").mkdir()
+    tok.save(tmp_path / "tok")
+    prepare([str(corpus)], tmp_path / "tok", tmp_path / "prepared", workers=1, shard_tokens=4096, progress=False)
+    assert len(open_prepared(tmp_path / "prepared").index["shards"]) > 1  # windows cross shard boundaries
+    full = train(config(tmp_path / "prepared", tmp_path / "full", max_steps=20))
+    assert full.val_loss < 6.0  # ln(400) = 5.99 is uniform
+    assert load_model(tmp_path / "full").cfg.vocab_size == tok.vocab_size
+
+    def stop_at_10(step, record):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "prepared", tmp_path / "cut", max_steps=20), callbacks=[stop_at_10])
+    train(config(tmp_path / "prepared", tmp_path / "cut", max_steps=20, resume=True))
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")

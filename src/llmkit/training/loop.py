@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
+from llmkit.data.prepared import check_vocab, is_prepared, open_prepared
 from llmkit.data.text import fingerprint, read_corpus, text_files
 from llmkit.data.tokens import TokenArray, WindowSampler, read_tokens, train_val_split, write_tokens
 from llmkit.errors import UserError
@@ -56,12 +57,14 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path) -> Tokenizer:
-    """Reuse the run's tokenizer when there is one (resume), else train one on the data."""
+    """The run's tokenizer (resume), the one prepared data was made with, or one trained on the data."""
     if cfg.resume or _has_tokenizer(run_dir):
         return load_tokenizer(run_dir)
-    if cfg.tokenizer == "char":
+    if is_prepared(cfg.data):
+        tok = load_tokenizer(cfg.data)
+    elif cfg.tokenizer == "char":
         from llmkit.tokenizers.char import CharTokenizer
-        tok: Tokenizer = CharTokenizer.train(read_corpus(cfg.data))
+        tok = CharTokenizer.train(read_corpus(cfg.data))
     else:
         from llmkit.tokenizers.train import train_tokenizer
         tok = train_tokenizer("bpe", files=[str(p) for p in text_files(cfg.data)], vocab_size=cfg.vocab_size)
@@ -78,7 +81,12 @@ def _has_tokenizer(run_dir: Path) -> bool:
 
 
 def build_tokens(cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer) -> TokenArray:
-    """Tokenize the corpus once; later runs and resumes read the cached memmap."""
+    """Prepared shards are read in place (constant memory); raw text is tokenized once into a
+    cached memmap that later runs and resumes reuse."""
+    if is_prepared(cfg.data):
+        tokens = open_prepared(cfg.data)
+        check_vocab(int(tokens.index["vocab_size"]), tokenizer.vocab_size)
+        return tokens
     cache = run_dir / "cache" / f"tokens-{fingerprint(cfg.data)}-{tokenizer.kind}-{tokenizer.vocab_size}.bin"
     if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
