@@ -113,3 +113,19 @@ def test_mistral_fixture_really_exercises_the_sliding_window(hf_dirs, hf_models)
     model.cfg.sliding_window = None
     with torch.no_grad():
         assert (model(_ids(24)) - hf_models["mistral"](_ids(24)).logits).abs().max().item() > 1e-3
+
+
+def test_legacy_gpt2_names_without_prefix_and_mask_buffers_load(hf_dirs, hf_models, tmp_path):
+    """Old GPT-2 files (as on the hub) name tensors `h.0...` and carry `attn.bias` mask buffers."""
+    from safetensors.torch import load_file, save_file
+    d = _copy_dir(hf_dirs["gpt2"], tmp_path / "old")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(d / "model.safetensors").items()}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        assert (load_hf(d)(_ids(10)) - hf_models["gpt2"](_ids(10)).logits).abs().max().item() < 1e-4
+
+
+def _copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst

@@ -15,13 +15,14 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="model directory or llama2.c .bin file")
     p.add_argument("--to", choices=("llmkit", "hf"), default="llmkit", help="output format")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --force)")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                   help="output directory, new or empty (see --force)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer file or folder to include (default: the one in PATH, if any)")
+                   help="tokenizer file or folder to include; None = the one in PATH, if any")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="cast the weights (default: keep the checkpoint's dtype)")
+                   help="cast the weights; None = keep the checkpoint's dtype")
     p.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                   help="Hugging Face family to write with --to hf (default: the one matching the model)")
+                   help="Hugging Face family for --to hf; None = the one matching the model's shape")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
