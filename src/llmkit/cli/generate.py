@@ -1,4 +1,5 @@
-"""`llmkit generate RUN_DIR --prompt ...`: stream a continuation to the terminal."""
+"""`llmkit generate DIR --prompt ...`: stream a continuation to the terminal (llmkit or Hugging Face
+directory). Every decoding setting is a GenerationConfig field, so the options are declared once."""
 from __future__ import annotations
 
 import argparse
@@ -8,32 +9,57 @@ from llmkit.cli.args import add_dataclass_options, given
 from llmkit.generation.generate import GenerationConfig
 
 
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `chat`."""
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (default: none)")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=int, default=[],
+                   help="stop token id besides EOS; repeat for several (default: none)")
+    p.add_argument("--draft", default=None, help="draft model directory: speculative decoding (default: none)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
+    add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids"))
+
+
+def decoding_settings(args: argparse.Namespace) -> GenerationConfig:
+    settings = given(args, GenerationConfig)
+    if args.greedy:
+        settings["temperature"] = 0.0
+    settings["stop"] = list(args.stop)
+    settings["stop_token_ids"] = list(args.stop_token_ids)
+    return GenerationConfig(**settings)
+
+
+def load_draft(args: argparse.Namespace):
+    if not args.draft:
+        return None
+    from llmkit.api import load_model_any
+
+    return load_model_any(args.draft, device=args.device, dtype=args.dtype).eval()
+
+
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained model",
                        description="Generate a continuation of a prompt, streamed as it is produced.")
-    p.add_argument("run_dir", help="run or model directory")
+    p.add_argument("run_dir", help="run or model directory (llmkit or Hugging Face)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty = start from BOS / newline)")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (default: none)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids"))
+    add_decoding_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from llmkit.api import load
+    from llmkit.generation.generate import stream
 
-    lm = load(args.run_dir, device=args.device)
-    settings = given(args, GenerationConfig)
-    if args.greedy:
-        settings["temperature"] = 0.0
-    settings["stop"] = args.stop
+    lm = load(args.run_dir, device=args.device, dtype=args.dtype)
+    cfg = decoding_settings(args)
+    draft = load_draft(args)
     prompt = args.prompt
     if not prompt and lm.tokenizer.bos_id is None:
         prompt = "\n"
     out = sys.stdout
     out.write(args.prompt)
-    for piece in lm.stream(prompt, **settings):
+    for piece in stream(lm.model.eval(), lm.tokenizer, prompt, cfg, draft=draft):
         out.write(piece)
         out.flush()
     out.write("\n")

@@ -1,0 +1,86 @@
+"""Streaming: pieces never split a multi-byte character (byte-level BPE emits partial UTF-8), they
+reassemble to the full text, and stop strings end the text without leaking a prefix of themselves."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from llmkit.generation.generate import GenerationConfig, generate, stream
+from llmkit.generation.streaming import TextStreamer, cut_at_stop
+from llmkit.nn.kv_cache import KVCache
+
+TEXT = "Snow ❄️ on 東京タワー, tea 🍵 and a crab 🦀 — naïve café 😀👍🏽 done."
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in model whose greedy output is a fixed token script (then EOS), whatever the prompt."""
+
+    def __init__(self, script: list[int], vocab: int, eos: int):
+        super().__init__()
+        self.cfg = SimpleNamespace(context_length=1024, vocab_size=vocab)
+        self.script, self.eos = script + [eos], eos
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.prompt_len: int | None = None
+
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        return KVCache(1, batch_size, 1, max_len or 1024, 1, torch.float32, "cpu")
+
+    def forward(self, idx: torch.Tensor, cache: KVCache, **_) -> torch.Tensor:
+        if cache.pos == 0:
+            self.prompt_len = idx.shape[1]
+        cache.advance(idx.shape[1])
+        n = cache.pos - self.prompt_len
+        logits = torch.full((idx.shape[0], idx.shape[1], self.cfg.vocab_size), -1e4)
+        logits[:, -1, self.script[min(n, len(self.script) - 1)]] = 0.0
+        return logits
+
+
+def test_byte_level_bpe_really_splits_these_characters(gpt2_tokenizer):
+    ids = gpt2_tokenizer.encode(TEXT)
+    assert any("\ufffd" in gpt2_tokenizer.decode([i]) for i in ids)
+
+
+def test_streamed_pieces_hold_only_whole_characters_and_reassemble(gpt2_tokenizer):
+    streamer = TextStreamer(gpt2_tokenizer)
+    pieces = [streamer.put(t) for t in gpt2_tokenizer.encode(TEXT)] + [streamer.finish()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TEXT
+
+
+def test_stream_from_a_model_reassembles_to_generate(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    model = ScriptedLM(tok.encode(TEXT), tok.vocab_size, tok.eos_id)
+    cfg = GenerationConfig(max_new_tokens=200, temperature=0.0)
+    pieces = list(stream(model, tok, "Weather:", cfg))
+    assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TEXT == generate(model, tok, "Weather:", cfg)
+
+
+def test_stop_string_ends_the_text_and_no_prefix_of_it_is_streamed(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    model = ScriptedLM(tok.encode(TEXT), tok.vocab_size, tok.eos_id)
+    cfg = GenerationConfig(max_new_tokens=200, temperature=0.0, stop=["crab 🦀"])
+    pieces = list(stream(model, tok, "x", cfg))
+    assert "".join(pieces) == TEXT[:TEXT.index("crab 🦀")]
+    assert not any("cr" in p for p in pieces)
+
+
+def test_stop_string_that_never_completes_is_flushed_at_the_end(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    model = ScriptedLM(tok.encode("ends with cr"), tok.vocab_size, tok.eos_id)
+    assert generate(model, tok, "x", GenerationConfig(temperature=0.0, stop=["crab"])) == "ends with cr"
+
+
+def test_stop_token_ends_the_stream_and_is_not_printed(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    ids = tok.encode(TEXT)
+    model = ScriptedLM(ids, tok.vocab_size, tok.eos_id)
+    cut = generate(model, tok, "x", GenerationConfig(temperature=0.0, stop_token_ids=[ids[4]]))
+    assert cut == tok.decode(ids[:4])
+
+
+def test_cut_at_stop_takes_the_earliest_stop():
+    assert cut_at_stop("abc STOP def END", ["END", "STOP"]) == "abc "
+    assert cut_at_stop("nothing here", ["END"]) == "nothing here"
