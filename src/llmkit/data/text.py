@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 
 from llmkit.errors import UserError
+from llmkit.textio import read_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -20,19 +21,6 @@ def text_files(source: str | Path) -> list[Path]:
             raise UserError(f"no .txt or .md files in folder {path}: add text files or point --data at a file")
         return files
     raise UserError(f"data not found: {path}: pass an existing text file or folder with --data")
-
-
-def read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}: check the path and its permissions") from None
-    if b"\x00" in raw[:8192]:
-        raise UserError(f"{path} looks binary (it contains NUL bytes): pass a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): convert it to UTF-8") from None
 
 
 def read_corpus(source: str | Path) -> str:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmkit.errors import UserError
+from llmkit.textio import read_text
 from llmkit.tokenizers.base import Tokenizer, guess_special_roles
 from llmkit.tokenizers.char import CharTokenizer
 from llmkit.tokenizers.chat import ROLE_MARKER_CHAT_TEMPLATE
@@ -144,19 +145,7 @@ BUILDERS: dict[str, Builder] = {
 
 def read_text_file(path: str | Path) -> str:
     """A corpus file as text; missing, unreadable or binary files are user errors with a fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"text file not found: {path}: check the path")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if b"\x00" in data[:8192]:
-        raise UserError(f"{path} looks binary (it has NUL bytes): pass UTF-8 text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): convert it to UTF-8") from None
+    return read_text(path)
 
 
 def _lines(files: Iterable[str | Path], texts: Iterable[str] | None) -> Iterator[str]:
