@@ -134,14 +134,15 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
     raw_model = build_model(model_cfg, cfg.seed, device)
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"step": 0, "best_val": math.inf, "bad_evals": 0, "tokens_seen": 0}
+    # loss_window: summed step losses since the last log line, so a resumed run logs the same means
+    state = {"step": 0, "best_val": math.inf, "bad_evals": 0, "tokens_seen": 0, "loss_window": 0.0}
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         weights, saved = load_checkpoint(ckpt)
         assign_weights(raw_model, weights, ckpt)
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"]) if saved.get("scaler") else None
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved[k] for k in state if k in saved})
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = D.wrap_model(model, env, device.type)
 
@@ -158,6 +159,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
     stopped_early, val_loss, last_loss, tps = False, None, None, 0.0
     window_start, window_steps = time.perf_counter(), 0
     step = state["step"]
+    window_loss = torch.tensor(state["loss_window"], device=device)
     try:
         while step < cfg.max_steps:
             lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
@@ -187,10 +189,14 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
             state["step"] = step
             state["tokens_seen"] += tokens_per_step
             window_steps += 1
+            window_loss += loss_sum
 
             record: dict = {}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last_loss = D.mean_across(loss_sum, env).item()
+                # mean over the steps since the last log line (not one noisy batch)
+                steps_in_window = (step - 1) % cfg.log_every + 1
+                last_loss = D.mean_across(window_loss / steps_in_window, env).item()
+                window_loss.zero_()
                 elapsed = time.perf_counter() - window_start
                 tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 record = {"event": "train", "step": step, "loss": last_loss, "lr": lr,
@@ -217,7 +223,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
                     stopped_early = True
 
             if env.is_main and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopped_early):
-                save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler), cfg.keep_checkpoints)
+                save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler, window_loss), cfg.keep_checkpoints)
             for cb in callbacks:
                 cb(step, record)
             if stopped_early:
@@ -227,7 +233,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
                 break
     except KeyboardInterrupt:
         if env.is_main and step > 0:
-            save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler), cfg.keep_checkpoints)
+            save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler, window_loss), cfg.keep_checkpoints)
         bar.close()
         D.shutdown(env)
         raise
@@ -257,8 +263,8 @@ def evaluate(model, data: WindowSampler, cfg: TrainConfig, env: D.DistEnv, devic
     return D.mean_across(total / cfg.eval_batches, env).item()
 
 
-def _trainer_state(state: dict, optimizer: torch.optim.Optimizer, scaler) -> dict:
-    return {**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+def _trainer_state(state: dict, optimizer: torch.optim.Optimizer, scaler, window_loss: torch.Tensor) -> dict:
+    return {**state, "loss_window": float(window_loss), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": torch.get_rng_state()}
 
 
