@@ -65,7 +65,7 @@ def can_still_improve(pool: FinishedPool, best_running: float, length: int, leng
 def beam_search(model, prompt_ids: Sequence[int], cfg, eos_id: int | None = None) -> BeamResult:
     """Beam search over one prompt; `cfg` is a GenerationConfig (num_beams, length_penalty,
     early_stopping, max_new_tokens, stop_token_ids, penalties). Sampling settings are ignored."""
-    from llmkit.generation.generate import model_device, stop_ids_of
+    from llmkit.generation.generate import model_device, prefill, step, stop_ids_of
 
     nb = cfg.num_beams
     device = model_device(model)
@@ -76,15 +76,15 @@ def beam_search(model, prompt_ids: Sequence[int], cfg, eos_id: int | None = None
     history = History.start(prompt, model.cfg.vocab_size) if process.needs_history else None
     max_new = min(cfg.max_new_tokens, model.cfg.context_length - len(prompt_ids) + 1)
     cache = model.make_cache(nb, min(model.cfg.context_length, len(prompt_ids) + max_new))
-    logits = model(prompt, cache=cache)[:, -1]
+    logits = prefill(model, prompt, cache)
     running = torch.full((nb,), NEG, device=device)
     running[0] = 0.0  # all beams start equal: let only the first expand on the first step
     seqs: list[list[int]] = [[] for _ in range(nb)]
     pool = FinishedPool(nb)
     improvable = True
     stop_t = torch.tensor(sorted(stop_ids) or [-1], device=device)
-    for step in range(max_new):
-        length = step + 1
+    for i in range(max_new):
+        length = i + 1
         logp = process(logits.float().log_softmax(-1), history)
         V = logp.shape[-1]
         scores, flat = (logp + running[:, None]).view(-1).topk(keep)
@@ -106,6 +106,6 @@ def beam_search(model, prompt_ids: Sequence[int], cfg, eos_id: int | None = None
         if history is not None:
             history = History(history.seen[src], history.counts[src])
             history.add(new_tokens)
-        logits = model(new_tokens[:, None], cache=cache)[:, -1]
+        logits = step(model, new_tokens[:, None], cache)
     best = pool.items[0] if pool.items else Hypothesis(seqs[0], float(running[0]))
     return BeamResult(best.tokens, best.score, pool.items)

@@ -6,6 +6,7 @@ text and honour stop strings.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -71,6 +72,39 @@ def stop_ids_of(cfg: GenerationConfig, eos_id: int | None) -> set[int]:
     return set(cfg.stop_token_ids) | ({eos_id} if eos_id is not None else set())
 
 
+# Intra-op CPU threads for one-token decode steps (None: leave torch's setting). At batch 1 every
+# matmul is a matrix-vector product bound by memory bandwidth: MKL's GEMV gains little from extra
+# threads here, while OpenMP barriers cost whole scheduler slices whenever a core is busy with
+# another process (measured on the 2-core benchmark machine: 20-22 vs 7-8 tokens/s under load).
+# Prefill, whose matmuls are large, always runs with torch's setting.
+DECODE_THREADS: int | None = 1
+
+
+@contextmanager
+def decode_threads(device: torch.device):
+    """Run the enclosed one-token step with DECODE_THREADS CPU threads, then restore."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or DECODE_THREADS is None or DECODE_THREADS == before:
+        yield
+        return
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def step(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """One decode step: tokens [B, 1] -> next-token logits [B, V] through the KV cache."""
+    with decode_threads(tokens.device):
+        return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
+
+
+def prefill(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """Run the prompt [B, S] through the model into the cache; logits of the last position [B, V]."""
+    return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
+
+
 def check_prompt(model, prompt_ids: Sequence[int]) -> None:
     ctx = model.cfg.context_length
     if not prompt_ids:
@@ -94,7 +128,7 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
     prompt = torch.tensor([ids], device=device)
     history = History.start(prompt, model.cfg.vocab_size) if process.needs_history else None
     cache = model.make_cache(1, ctx)
-    logits = model(prompt, cache=cache)[:, -1]
+    logits = prefill(model, prompt, cache)
     for _ in range(cfg.max_new_tokens):
         nxt = sampling.sample(process(logits.float(), history), 0.0 if cfg.greedy else 1.0, generator)
         token = int(nxt)
@@ -106,9 +140,9 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
             history.add(nxt)
         if cache.pos >= ctx:  # slide: keep the most recent half of the context
             cache.reset()
-            logits = model(torch.tensor([ids[-(ctx // 2):]], device=device), cache=cache)[:, -1]
+            logits = prefill(model, torch.tensor([ids[-(ctx // 2):]], device=device), cache)
         else:
-            logits = model(nxt[:, None], cache=cache)[:, -1]
+            logits = step(model, nxt[:, None], cache)
 
 
 def _beam(model, prompt_ids, cfg, eos_id=None, draft=None) -> Iterator[int]:
@@ -185,10 +219,10 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
     generators = [make_generator(cfg.seed, device) for _ in range(B)]
     stop = torch.tensor(sorted(stop_ids_of(cfg, eos_id)) or [-1], device=device)
     cache = model.make_cache(B, total)
-    logits = model(ids, cache=cache, attention_mask=mask, position_ids=positions)[:, -1]
+    logits = prefill(model, ids, cache, attention_mask=mask, position_ids=positions)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(min(cfg.max_new_tokens, total - width + 1)):
+    for _ in range(min(cfg.max_new_tokens, total - width + 1)):
         logits = process(logits.float(), history)
         nxt = logits.argmax(-1) if cfg.greedy else sampling.sample_rows(logits, generators)
         nxt = nxt.masked_fill(done, pad_id)
@@ -198,8 +232,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
             break
         if history is not None:
             history.add(nxt)
-        logits = model(nxt[:, None], cache=cache, attention_mask=full_mask[:, :cache.pos + 1],
-                       position_ids=next_pos)[:, -1]
+        logits = step(model, nxt[:, None], cache, attention_mask=full_mask[:, :cache.pos + 1], position_ids=next_pos)
         next_pos = next_pos + 1
     return [_until_stop(row, stop) for row in out.tolist()]
 

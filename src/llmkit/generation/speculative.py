@@ -59,7 +59,7 @@ def _distributions(logits: torch.Tensor, tokens: Sequence[int], history: History
 def speculative_tokens(target, draft, prompt_ids: Sequence[int], cfg, eos_id: int | None = None) -> Iterator[int]:
     """Yield the target model's tokens, produced k + 1 at a time at best. Stops at a stop token, after
     max_new_tokens, or when the target's context is full (no sliding here)."""
-    from llmkit.generation.generate import make_generator, model_device, stop_ids_of
+    from llmkit.generation.generate import decode_threads, make_generator, model_device, stop_ids_of
 
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise UserError(f"draft model vocabulary ({draft.cfg.vocab_size}) differs from the target's "
@@ -74,8 +74,8 @@ def speculative_tokens(target, draft, prompt_ids: Sequence[int], cfg, eos_id: in
     t_cache, d_cache = target.make_cache(1, ctx), draft.make_cache(1, ctx)
     if len(seq) > 1:  # both caches hold all but the last token
         head = torch.tensor([seq[:-1]], device=device)
-        target(head, cache=t_cache)
-        draft(head, cache=d_cache)
+        target(head, cache=t_cache, logits_to_keep=1)
+        draft(head, cache=d_cache, logits_to_keep=1)
     pending = [seq[-1]]  # tokens the draft cache has not seen yet
     produced = 0
     while produced < cfg.max_new_tokens and len(seq) < ctx + 1:
@@ -83,7 +83,8 @@ def speculative_tokens(target, draft, prompt_ids: Sequence[int], cfg, eos_id: in
         drafts, qs = [], []
         d_hist = history.clone() if history is not None else None
         for _ in range(k):
-            logits = draft(torch.tensor([pending], device=device), cache=d_cache)[:, -1]
+            with decode_threads(device):
+                logits = draft(torch.tensor([pending], device=device), cache=d_cache, logits_to_keep=1)[:, -1]
             q = probabilities(process(logits.float(), d_hist), cfg.greedy)
             token = torch.multinomial(q, 1, generator=generator)[0]
             drafts.append(int(token))
@@ -91,7 +92,9 @@ def speculative_tokens(target, draft, prompt_ids: Sequence[int], cfg, eos_id: in
             pending = [drafts[-1]]
             if d_hist is not None:
                 d_hist.add(token)
-        t_logits = target(torch.tensor([[seq[-1]] + drafts], device=device), cache=t_cache)[0]
+        with decode_threads(device):
+            t_logits = target(torch.tensor([[seq[-1]] + drafts], device=device), cache=t_cache,
+                              logits_to_keep=k + 1)[0]
         p = _distributions(t_logits, drafts, history, process, cfg.greedy)
         q = torch.cat(qs) if qs else p.new_zeros(0, p.shape[-1])
         n, nxt = accept_drafts(p[None], q[None], torch.tensor([drafts], device=device, dtype=torch.long), generator)

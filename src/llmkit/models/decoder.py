@@ -63,12 +63,14 @@ class DecoderLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, vocab].
 
         cache: continue from `cache.pos` (incremental decoding); advanced by T afterwards.
         attention_mask: [B, S] 1 for real tokens, 0 for padding, over all S = cache.pos + T keys.
         position_ids: [B, T]; default offset..offset+T-1 (left-padded batches pass their own).
+        logits_to_keep: > 0 computes logits for the last N positions only ([B, N, vocab]): decoding
+        needs just the last one, and the LM head is a large share of a long prompt's prefill.
         """
         B, T = idx.shape
         offset = cache.pos if cache is not None else 0
@@ -89,6 +91,8 @@ class DecoderLM(nn.Module):
             x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     def _mask(self, T: int, offset: int, attention_mask: torch.Tensor | None,
