@@ -105,6 +105,12 @@ def prefill(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
     return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
 
 
+def prepare(model) -> None:
+    """Give the model its decode-friendly weight layout once, if it has one (see DecoderLM)."""
+    if model is not None and hasattr(model, "use_decode_layout"):
+        model.use_decode_layout()
+
+
 def check_prompt(model, prompt_ids: Sequence[int]) -> None:
     ctx = model.cfg.context_length
     if not prompt_ids:
@@ -174,6 +180,8 @@ def generate_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig | No
     cfg = cfg or GenerationConfig()
     cfg.validate()
     check_prompt(model, prompt_ids)
+    for m in (model, draft):
+        prepare(m)
     yield from STRATEGIES[strategy_name(cfg, draft)](model, prompt_ids, cfg, eos_id, draft)
 
 
@@ -205,6 +213,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
         return []
     for p in prompts:
         check_prompt(model, p)
+    prepare(model)
     device = model_device(model)
     B = len(prompts)
     ids, mask = left_pad(prompts, pad_id, device)
