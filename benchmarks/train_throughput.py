@@ -59,6 +59,25 @@ def transformers_side():
     return step
 
 
+def plain_side():
+    """The same model as a minimal plain-PyTorch GPT (benchmarks/shakespeare_char.py), for context."""
+    from shakespeare_char import PlainGPT
+
+    model = PlainGPT(V, T, D, H, L)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99))
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x).view(-1, V), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def tokens_per_second(step, steps: int) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, T), generator=g)
@@ -77,7 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
-    sides = {"llmkit": llmkit_side(), "transformers": transformers_side()}
+    sides = {"llmkit": llmkit_side(), "transformers": transformers_side(), "plain PyTorch": plain_side()}
     results: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.rounds):  # A B A B
         for name, step in sides.items():
@@ -89,6 +108,7 @@ def main() -> None:
     print(table(["side", "median tokens/s", "min", "max"],
                 [[k, med[k], min(v), max(v)] for k, v in results.items()]))
     print(f"\nratio llmkit / transformers: {med['llmkit'] / med['transformers']:.2f}x (target >= 1.5x)")
+    print(f"ratio plain PyTorch / transformers: {med['plain PyTorch'] / med['transformers']:.2f}x (context)")
 
 
 if __name__ == "__main__":
