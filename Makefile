@@ -3,7 +3,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-fast bench
 
 install:
 	$(PIP) torch==2.13.0
@@ -15,8 +15,8 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-test-all: install
-	$(PY) -m pytest -m "slow or not slow"
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
