@@ -23,6 +23,16 @@ from _common import machine, median, table  # noqa: E402
 V, L, H, D, T, B = 65, 4, 4, 128, 64, 12
 
 
+def make_step(model, opt, loss_fn):
+    """The step every side runs: loss, backward, clip to 1.0, optimizer step."""
+    def step(x, y):
+        loss_fn(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def llmkit_side():
     from llmkit.config import ModelConfig
     from llmkit.models.decoder import DecoderLM
@@ -31,14 +41,7 @@ def llmkit_side():
     model = DecoderLM(ModelConfig(vocab_size=V, context_length=T, n_layers=L, n_heads=H, d_model=D, mlp="gelu",
                                   norm="layernorm", position="learned", bias=True))
     opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99), "cpu")
-
-    def step(x, y):
-        loss = F.cross_entropy(model(x).view(-1, V), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return make_step(model, opt, lambda x, y: F.cross_entropy(model(x).view(-1, V), y.view(-1)))
 
 
 def transformers_side():
@@ -49,14 +52,7 @@ def transformers_side():
     model = transformers.GPT2LMHeadModel(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-
-    def step(x, y):
-        loss = model(input_ids=x, labels=y).loss  # shifts internally; same work as ours
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return make_step(model, opt, lambda x, y: model(input_ids=x, labels=y).loss)  # shifts labels internally
 
 
 def plain_side():
@@ -68,14 +64,7 @@ def plain_side():
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.99))
-
-    def step(x, y):
-        loss = F.cross_entropy(model(x).view(-1, V), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return make_step(model, opt, lambda x, y: F.cross_entropy(model(x).view(-1, V), y.view(-1)))
 
 
 def tokens_per_second(step, steps: int) -> float:

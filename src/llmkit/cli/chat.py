@@ -76,8 +76,7 @@ def chat_loop(lines: TextIO, out: TextIO, reply: Callable[[Messages], Any], syst
 
 def run(args: argparse.Namespace) -> int:
     from llmkit.api import load
-    from llmkit.generation.generate import generate_tokens
-    from llmkit.generation.streaming import TextStreamer
+    from llmkit.generation.generate import stream_ids
 
     lm = load(args.run_dir, device=args.device, dtype=args.dtype)
     model, tok = lm.model.eval(), lm.tokenizer
@@ -91,17 +90,7 @@ def run(args: argparse.Namespace) -> int:
     def reply(messages: Messages):
         ids, kept = fit_prompt(tok, messages, budget)
         messages[:] = kept
-        streamer = TextStreamer(tok, cfg.stop)
-        ends = set(cfg.stop_token_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
-        for token in generate_tokens(model, ids, cfg, eos_id=tok.eos_id, draft=draft):
-            if token in ends:
-                break
-            piece = streamer.put(token)
-            if piece:
-                yield piece
-            if streamer.stopped:
-                return
-        yield streamer.finish()
+        yield from stream_ids(model, tok, ids, cfg, draft)
 
     chat_loop(sys.stdin, sys.stdout, reply, args.system, interactive=sys.stdin.isatty())
     return 0

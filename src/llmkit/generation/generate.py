@@ -268,9 +268,14 @@ def stream(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None, d
     """Yield text pieces as tokens arrive; stops at EOS, a stop token or a stop string (which is not
     yielded). A piece never ends inside a multi-byte character."""
     cfg = _with_overrides(cfg, overrides)
+    return stream_ids(model, tokenizer, prompt_ids_of(tokenizer, prompt), cfg, draft)
+
+
+def stream_ids(model, tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig, draft=None) -> Iterator[str]:
+    """`stream` for a prompt already tokenized (chat templates render to ids)."""
     streamer = TextStreamer(tokenizer, cfg.stop)
     stop_ids = stop_ids_of(cfg, tokenizer.eos_id)
-    for token in generate_tokens(model, prompt_ids_of(tokenizer, prompt), cfg, eos_id=tokenizer.eos_id, draft=draft):
+    for token in generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, draft=draft):
         if token in stop_ids:
             break
         piece = streamer.put(token)
