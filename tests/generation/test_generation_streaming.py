@@ -84,3 +84,18 @@ def test_stop_token_ends_the_stream_and_is_not_printed(gpt2_tokenizer):
 def test_cut_at_stop_takes_the_earliest_stop():
     assert cut_at_stop("abc STOP def END", ["END", "STOP"]) == "abc "
     assert cut_at_stop("nothing here", ["END"]) == "nothing here"
+
+
+def test_continuation_keeps_the_space_sentencepiece_drops_at_a_text_start():
+    import pytest
+    from pathlib import Path
+    from llmkit.tokenizers import load_tokenizer
+    model_file = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+    if not model_file.is_file():
+        pytest.skip("Llama 2 tokenizer not present")
+    tok = load_tokenizer(model_file)
+    ids = tok.encode("Once upon a time")
+    streamer = TextStreamer(tok, context=ids[:1])
+    pieces = [streamer.put(t) for t in ids[1:]] + [streamer.finish()]
+    assert "".join(pieces) == " upon a time"
+    assert tok.decode(ids[1:]) == "upon a time"  # what decoding the continuation alone gives

@@ -273,7 +273,7 @@ def stream(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None, d
 
 def stream_ids(model, tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig, draft=None) -> Iterator[str]:
     """`stream` for a prompt already tokenized (chat templates render to ids)."""
-    streamer = TextStreamer(tokenizer, cfg.stop)
+    streamer = TextStreamer(tokenizer, cfg.stop, context=list(prompt_ids)[-4:])
     stop_ids = stop_ids_of(cfg, tokenizer.eos_id)
     for token in generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, draft=draft):
         if token in stop_ids:

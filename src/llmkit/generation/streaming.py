@@ -20,9 +20,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class TextStreamer:
     """Turns a token stream into text pieces that are final: complete characters, no stop-string prefix."""
 
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+    def __init__(self, tokenizer, stops: Sequence[str] = (), context: Sequence[int] = ()):
+        """`context`: the prompt's last few ids. SentencePiece drops the leading space of a text's
+        first word, so decoding the continuation alone would turn "Once" + " upon" into "Onceupon";
+        decoding it behind its context and cutting the context's text off keeps the space."""
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
+        self.context = list(context)
+        self.context_text = tokenizer.decode(self.context) if self.context else ""
         self.ids: list[int] = []
         self.emitted = 0
         self.stopped = False
@@ -30,7 +35,7 @@ class TextStreamer:
     def put(self, token: int) -> str:
         """Add a token; return the newly final text (possibly empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         for s in self.stops:
             at = text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
@@ -44,11 +49,18 @@ class TextStreamer:
         piece, self.emitted = text[self.emitted:end], end
         return piece
 
+    def _text(self) -> str:
+        if self.context:
+            full = self.tokenizer.decode(self.context + self.ids)
+            if full.startswith(self.context_text):
+                return full[len(self.context_text):]
+        return self.tokenizer.decode(self.ids)
+
     def finish(self) -> str:
         """Flush what was held back (the stream ended without completing a stop string)."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
