@@ -26,7 +26,7 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
-from llmkit.models.decoder import DecoderLM
+from llmkit.interop import from_transformers
 
 PROMPT, NEW, PREFILL = 32, 128, 512
 SECTION = "## Decode speed (llmkit.generation vs transformers generate)"
@@ -53,20 +53,7 @@ def gpt2_pair():
     import transformers
 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
-    sd = hf.state_dict()
-    state = {"tok_emb.weight": sd["transformer.wte.weight"], "pos.weight": sd["transformer.wpe.weight"],
-             "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(hf.config.n_layer):
-        for ours, theirs, conv in [("norm1", "ln_1", False), ("norm2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-                                   ("attn.proj", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True),
-                                   ("mlp.down", "mlp.c_proj", True)]:
-            w = sd[f"transformer.h.{i}.{theirs}.weight"]
-            state[f"blocks.{i}.{ours}.weight"] = w.t().contiguous() if conv else w
-            state[f"blocks.{i}.{ours}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
-    ours = DecoderLM(ModelConfig.from_preset("gpt2", vocab_size=hf.config.vocab_size)).eval()
-    ours.load_state_dict(state)
-    return hf, ours
+    return hf, from_transformers(hf).eval()
 
 
 def smollm_pair():
@@ -78,20 +65,7 @@ def smollm_pair():
                                       num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.context_length,
                                       rms_norm_eps=c.norm_eps, tie_word_embeddings=True)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    sd = hf.state_dict()
-    state = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    for i in range(c.n_layers):
-        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[a + f"{x}_proj.weight"] for x in "qkv"])
-        state[f"blocks.{i}.attn.proj.weight"] = sd[a + "o_proj.weight"]
-        state[f"blocks.{i}.norm1.weight"] = sd[f"model.layers.{i}.input_layernorm.weight"]
-        state[f"blocks.{i}.norm2.weight"] = sd[f"model.layers.{i}.post_attention_layernorm.weight"]
-        for name in ("gate", "up", "down"):
-            state[f"blocks.{i}.mlp.{name}.weight"] = sd[m + f"{name}_proj.weight"]
-    state["lm_head.weight"] = state["tok_emb.weight"]
-    ours = DecoderLM(c).eval()
-    ours.load_state_dict(state)
-    return hf, ours
+    return hf, from_transformers(hf).eval()
 
 
 PAIRS: dict[str, Callable] = {"gpt2": gpt2_pair, "smollm": smollm_pair}

@@ -8,40 +8,10 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
-from llmkit.models.decoder import DecoderLM
+from llmkit.interop import from_transformers
 
 VOCAB, CTX, EOS = 64, 64, 7
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _gpt2_state(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """transformers GPT-2 names -> llmkit names (Conv1D weights are stored [in, out]: transpose)."""
-    out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos.weight": sd["transformer.wpe.weight"],
-           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    pairs = [("norm1", "ln_1", False), ("norm2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-             ("attn.proj", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)]
-    for i in range(n_layers):
-        for ours, theirs, conv in pairs:
-            w = sd[f"transformer.h.{i}.{theirs}.weight"]
-            out[f"blocks.{i}.{ours}.weight"] = w.t() if conv else w
-            out[f"blocks.{i}.{ours}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
-    return out
-
-
-def _llama_state(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """transformers Llama names -> llmkit names (q, k, v fused into one projection, rows [q | k | v])."""
-    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(n_layers):
-        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[a + f"{x}_proj.weight"] for x in "qkv"])
-        out[f"blocks.{i}.attn.proj.weight"] = sd[a + "o_proj.weight"]
-        out[f"blocks.{i}.norm1.weight"] = sd[f"model.layers.{i}.input_layernorm.weight"]
-        out[f"blocks.{i}.norm2.weight"] = sd[f"model.layers.{i}.post_attention_layernorm.weight"]
-        for name in ("gate", "up", "down"):
-            out[f"blocks.{i}.mlp.{name}.weight"] = sd[m + f"{name}_proj.weight"]
-    return out
 
 
 def build_pair(family: str, seed: int = 0, n_layers: int = 2, std: float = 0.3):
@@ -55,7 +25,6 @@ def build_pair(family: str, seed: int = 0, n_layers: int = 2, std: float = 0.3):
         cfg = ModelConfig(vocab_size=VOCAB, context_length=CTX, n_layers=n_layers, d_model=32, n_heads=4,
                           mlp="gelu_tanh", norm="layernorm", position="learned", bias=True)
         hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-        state = _gpt2_state(hf.state_dict(), n_layers)
     else:
         hf_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -65,9 +34,8 @@ def build_pair(family: str, seed: int = 0, n_layers: int = 2, std: float = 0.3):
                           n_kv_heads=2, d_ff=64, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, position="rope",
                           bias=False, tie_embeddings=False)
         hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-        state = _llama_state(hf.state_dict(), n_layers)
-    ours = DecoderLM(cfg).eval()
-    ours.load_state_dict(state)
+    ours = from_transformers(hf)
+    assert ours.cfg == cfg  # the fixtures below rely on this exact shape
     return hf, ours
 
 

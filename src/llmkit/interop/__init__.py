@@ -1,6 +1,6 @@
 """Checkpoint interop: Hugging Face directories (GPT-2, Llama, Qwen2, Mistral) in and out, and
 llama2.c `.bin` checkpoints in. Conversion is data: see `families.py`."""
 from llmkit.interop.families import FAMILIES
-from llmkit.interop.hf import config_from_hf, export_hf, is_hf_dir, load_hf
+from llmkit.interop.hf import config_from_hf, export_hf, from_transformers, is_hf_dir, load_hf
 
-__all__ = ["FAMILIES", "config_from_hf", "export_hf", "is_hf_dir", "load_hf"]
+__all__ = ["FAMILIES", "config_from_hf", "export_hf", "from_transformers", "is_hf_dir", "load_hf"]

@@ -313,6 +313,20 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=target).eval()
 
 
+def from_transformers(hf_model: torch.nn.Module) -> DecoderLM:
+    """An llmkit copy of a live `transformers` model (same weights), through the same family table
+    as loading from disk: the model is saved to a temporary directory and loaded back."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llmkit-from-hf-") as tmp:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        model = load_hf(tmp)
+        # the memory maps point into tmp, which is about to go: own the tensors
+        for p in model.parameters():
+            p.data = p.data.clone()
+        return model
+
+
 def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", family: str | None = None,
               dtype: str | torch.dtype | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face directory of `family` (default: the one
