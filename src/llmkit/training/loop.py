@@ -141,7 +141,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
         weights, saved = load_checkpoint(ckpt)
         assign_weights(raw_model, weights, ckpt)
         optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"]) if saved.get("scaler") else None
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         state.update({k: saved[k] for k in state if k in saved})
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = D.wrap_model(model, env, device.type)
