@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from llmkit import kernels
 from llmkit.errors import UserError
 from llmkit.generation import sampling
 from llmkit.generation.sampling import History, build_processors
@@ -89,7 +90,8 @@ def decode_threads(device: torch.device):
         return
     torch.set_num_threads(DECODE_THREADS)
     try:
-        yield
+        with kernels.threads(before):  # the native matrix-vector kernel still uses every core
+            yield
     finally:
         torch.set_num_threads(before)
 

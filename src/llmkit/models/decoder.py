@@ -8,9 +8,11 @@ import math
 import torch
 from torch import nn
 
+from llmkit import kernels
 from llmkit.config import ModelConfig
 from llmkit.nn.attention import Attention
 from llmkit.nn.kv_cache import KVCache
+from llmkit.nn.linear import Linear
 from llmkit.nn.masks import causal_mask, combine, padding_mask
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import build_norm
@@ -41,7 +43,7 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -118,8 +120,11 @@ class DecoderLM(nn.Module):
         benchmarks/decode_speed.py). Values and the [out, in] shape stay the same (only the strides
         change), so forward results, saving (which makes tensors contiguous) and loading see no
         difference. A tied LM head changes the embedding's layout too; lookups do not care.
+        Skipped when the native matrix-vector kernel runs here: it reads the [out, in] layout at
+        full bandwidth (llmkit.kernels).
         """
-        if getattr(self, "_decode_layout", False) or self.tok_emb.weight.device.type != "cpu":
+        if (getattr(self, "_decode_layout", False) or self.tok_emb.weight.device.type != "cpu"
+                or kernels.available()):
             return self
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train later
             for module in self.modules():

@@ -6,14 +6,16 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from llmkit.nn.linear import Linear
+
 
 class GeluMLP(nn.Module):
     approximate = "none"
 
     def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,9 +31,9 @@ class GeluTanhMLP(GeluMLP):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=bias)
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.gate = Linear(d_model, d_ff, bias=bias)
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,17 @@
+"""The linear layer every llmkit model uses: `nn.Linear` (same parameters, state dict, init and
+isinstance checks), with one addition: a few rows of fp32 input on CPU without autograd, which is
+what each batch-1 decoding step is, go to the native matrix-vector kernel (`llmkit.kernels`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from llmkit import kernels
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= 8 * self.in_features and kernels.gemv_eligible(x, self.weight, self.bias):
+            return kernels.gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
