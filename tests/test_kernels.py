@@ -32,37 +32,59 @@ def test_gemv_equals_linear(threads, m, n, k, bias):
     w = torch.randn(n, k, generator=g) / k ** 0.5
     b = torch.randn(n, generator=g) if bias else None
     with kernels.threads(threads), torch.no_grad():
-        y = kernels.gemv(x, w, b)
+        y = kernels.linear(x, w, b)
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 @needs_native
-def test_gemv_rejects_wrong_shapes():
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.gemv(torch.randn(1, 5), torch.randn(3, 4))
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.gemv(torch.randn(1, 4), torch.randn(3, 4), torch.randn(2))
+def test_kernels_decline_what_they_do_not_cover():
+    w = torch.randn(3, 4)
+    with torch.no_grad():
+        assert kernels.linear(torch.randn(1, 4), w) is not None
+        assert kernels.linear(torch.randn(1, 5), w) is None  # wrong width
+        assert kernels.linear(torch.randn(1, 4), w, torch.randn(2)) is None  # wrong bias
+        assert kernels.linear(torch.randn(9, 4), w) is None  # more than MAX_ROWS rows
+        assert kernels.linear(torch.randn(4, 1).t(), w) is not None
+        assert kernels.linear(torch.randn(4, 2).t()[:1], w) is None  # not contiguous
+        assert kernels.linear(torch.randn(1, 4, dtype=torch.float64), w.double()) is None
+        assert kernels.rms_norm(torch.randn(1, 5), torch.ones(4), 1e-6) is None
+        assert kernels.rope(torch.randn(1, 2, 2, 4), torch.ones(4), torch.ones(4)) is None  # two positions
+    assert kernels.linear(torch.randn(1, 4), w) is None  # autograd on
+
+
+@needs_native
+def test_rms_norm_and_rope_equal_pytorch():
+    from llmkit.nn.norms import RMSNorm
+    from llmkit.nn.positions import RotaryPositions, rotate_half
+    norm = RMSNorm(576, 1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(1, 1, 576) * 3
+    rope = RotaryPositions(ModelConfig.from_preset("llama-small"))
+    cos, sin = rope(torch.tensor([37]), 38)
+    q = torch.randn(1, 1, 9, 64).transpose(1, 2)  # [B, H, T, d] as attention makes it
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, 1e-5),
+                                   F.rms_norm(x, (576,), None, 1e-5) * norm.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm(x), F.rms_norm(x, (576,), None, 1e-5) * norm.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kernels.rope(q, cos, sin), q * cos + rotate_half(q) * sin, rtol=1e-5, atol=1e-6)
 
 
 @needs_native
 def test_linear_routes_only_inference_rows_to_kernel(monkeypatch):
     calls = []
-    real = kernels.gemv
-    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(a[0].numel() // 64 <= 8) or real(*a))
     layer = Linear(64, 96)
     one_row, many_rows = torch.randn(1, 1, 64), torch.randn(2, 16, 64)
     with torch.no_grad():
         torch.testing.assert_close(layer(one_row), F.linear(one_row, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-        assert len(calls) == 1
-        layer(many_rows)  # 32 rows: a matrix product, PyTorch's kernel
-        layer(one_row.to(torch.float64).to(torch.float32).transpose(0, 1))  # still contiguous 1 row: kernel
-        assert len(calls) == 2
-        layer.double()(one_row.double())  # fp64: PyTorch
-        assert len(calls) == 2
-    layer.float()
-    out = layer(one_row.requires_grad_())  # autograd needs PyTorch's backward
+        assert calls == [True]
+        layer(many_rows)  # 32 rows: a matrix product, not even offered to the kernel
+        assert calls == [True]
+    out = layer(one_row.requires_grad_())  # autograd: offered, declined, PyTorch's backward works
     out.sum().backward()
-    assert len(calls) == 2 and layer.weight.grad is not None
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(out, F.linear(one_row, layer.weight, layer.bias))
 
 
 @needs_native
@@ -71,30 +93,30 @@ def test_decoding_with_and_without_kernel_agrees(monkeypatch):
     model = DecoderLM(ModelConfig.from_preset("tiny")).eval()
     cfg = GenerationConfig(max_new_tokens=24, temperature=0.0)
     monkeypatch.setenv("LLMKIT_NATIVE", "0")
-    build.reset()
+    kernels.reset()
     try:
         without = list(generate_tokens(model, [1, 2, 3], cfg))
         assert not kernels.available() and "LLMKIT_NATIVE=0" in kernels.status()
     finally:
         monkeypatch.delenv("LLMKIT_NATIVE")
-        build.reset()
+        kernels.reset()
     assert kernels.available() and "yes" in kernels.status()
     calls = []
-    real = kernels.gemv
-    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(1) or real(*a))
     assert list(generate_tokens(model, [1, 2, 3], cfg)) == without and calls
 
 
 def _child_gemv(queue):
     x, w = torch.randn(1, 300), torch.randn(999, 300)
     with kernels.threads(2), torch.no_grad():
-        queue.put(torch.allclose(kernels.gemv(x, w), x @ w.t(), rtol=1e-4, atol=1e-4))
+        queue.put(torch.allclose(kernels.linear(x, w), x @ w.t(), rtol=1e-4, atol=1e-4))
 
 
 @needs_native
 def test_kernel_pool_survives_fork():
     with kernels.threads(2), torch.no_grad():  # start the pool in the parent first
-        kernels.gemv(torch.randn(1, 300), torch.randn(999, 300))
+        assert kernels.linear(torch.randn(1, 300), torch.randn(999, 300)) is not None
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_gemv, args=(queue,))
@@ -111,7 +133,7 @@ def test_concurrent_callers_get_their_own_results():
 
     def work(i):
         with torch.no_grad():
-            ok = all(torch.allclose(kernels.gemv(xs[i], w), xs[i] @ w.t(), rtol=1e-4, atol=1e-4) for _ in range(50))
+            ok = all(torch.allclose(kernels.linear(xs[i], w), xs[i] @ w.t(), rtol=1e-4, atol=1e-4) for _ in range(50))
         results[i] = ok
 
     with kernels.threads(2):
@@ -126,14 +148,15 @@ def test_concurrent_callers_get_their_own_results():
 def test_build_failure_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
-    build.reset()
+    kernels.reset()
     try:
-        assert build.load("gemv") is None
-        assert build.why_not("gemv")
+        assert not kernels.available() and "no C compiler" not in kernels.status()
+        assert build.why_not("gemv") and "no-such-compiler" in kernels.status()
         layer = Linear(8, 4)
         x = torch.randn(1, 8)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
         assert not list((tmp_path / "cache").glob("**/*.tmp"))  # no half-written library left
     finally:
-        build.reset()
+        monkeypatch.undo()
+        kernels.reset()

@@ -138,7 +138,8 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
     cache = model.make_cache(1, ctx)
     logits = prefill(model, prompt, cache)
     for _ in range(cfg.max_new_tokens):
-        nxt = sampling.sample(process(logits.float(), history), 0.0 if cfg.greedy else 1.0, generator)
+        with decode_threads(device):  # one-row sampling: no OpenMP region (see DECODE_THREADS)
+            nxt = sampling.sample(process(logits.float(), history), 0.0 if cfg.greedy else 1.0, generator)
         token = int(nxt)
         yield token
         if token in stop_ids:

@@ -1,42 +1,68 @@
-"""Native CPU kernels, built on first use (see `build.py`); PyTorch's kernels are the fallback.
+"""Native CPU kernels for batch-1 decoding, built on first use (see `build.py`); PyTorch's kernels
+are the fallback everywhere.
 
-`gemv` is the matrix-vector product behind batch-1 decoding on CPU: it reads the weight once with
-every core, where MKL's sgemv reaches about one core's bandwidth.
+`linear` runs a matrix-vector product that reads the weight once with every core, where MKL's sgemv
+reaches about one core's bandwidth. `rms_norm`, `rope` and `decode_attention` replace PyTorch
+composites whose dispatch costs far more than their arithmetic on a single row. Each returns None unless it applies: a few
+contiguous fp32 rows on CPU without autograd, outside torch.compile, which is exactly a decoding
+step; callers then run PyTorch's version. The checks are inlined and ordered cheapest first,
+because at batch 1 a layer's whole budget is a few microseconds of Python.
 """
 from __future__ import annotations
 
 import ctypes
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from llmkit.kernels import build
 
+MAX_ROWS = 8  # rows one call takes (gemv.c's MAX_ROWS)
+_F32 = torch.float32
+_P, _L = ctypes.c_void_p, ctypes.c_long
+# symbol -> (library, argument types, result type)
+_SIGNATURES = {
+    "llmkit_gemv": ("gemv", [_P] * 4 + [_L] * 3 + [ctypes.c_int], ctypes.c_int),
+    "llmkit_rms_norm": ("rowops", [_P] * 3 + [_L] * 2 + [ctypes.c_float], None),
+    "llmkit_rope": ("rowops", [_P] * 4 + [_L] * 2, None),
+    "llmkit_decode_attention": ("rowops", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
+}
+_fns: dict[str, Any] = {}  # symbol -> ctypes function, or None where its library did not build
 _threads: int | None = None  # threads for native kernels; None = torch.get_num_threads()
-_call_lock = threading.Lock()  # the kernel's thread pool serves one call at a time
+_call_lock = threading.Lock()  # the matrix-vector kernel's thread pool serves one call at a time
 
 
-def _gemv_lib():
-    lib = build.load("gemv")
-    if lib is not None and not getattr(lib, "_typed", False):
-        lib.llmkit_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        lib.llmkit_gemv.restype = ctypes.c_int
-        lib.max_rows = lib.llmkit_max_rows()
-        lib._typed = True
-    return lib
+def _resolve(symbol: str):
+    """Load the symbol's library (building it if needed) once; None if it is not available."""
+    if symbol not in _fns:
+        lib_name, args, res = _SIGNATURES[symbol]
+        lib = build.load(lib_name)
+        fn = None
+        if lib is not None:
+            fn = getattr(lib, symbol)
+            fn.argtypes, fn.restype = args, res
+        _fns[symbol] = fn
+    return _fns[symbol]
+
+
+def reset() -> None:
+    """Forget loaded kernels and build results (tests switch LLMKIT_NATIVE)."""
+    _fns.clear()
+    build.reset()
 
 
 def available() -> bool:
-    return _gemv_lib() is not None
+    return all(_resolve(symbol) is not None for symbol in _SIGNATURES)
 
 
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (gemv, {num_threads()} threads, cache {build.cache_dir()})"
-    return f"native CPU kernels: no ({build.why_not('gemv')}); using PyTorch's"
+        return f"native CPU kernels: yes (gemv, rms_norm, rope, decode attention; {num_threads()} threads; cache {build.cache_dir()})"
+    reason = build.why_not("gemv") or build.why_not("rowops")
+    return f"native CPU kernels: no ({reason}); using PyTorch's"
 
 
 def num_threads() -> int:
@@ -54,33 +80,74 @@ def threads(n: int) -> Iterator[None]:
         _threads = before
 
 
-def gemv_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether `gemv` can compute F.linear(x, weight, bias): fp32 on CPU, at most 8 rows, contiguous,
-    no autograd (the kernel has no backward), not inside torch.compile."""
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            and x.dim() >= 1 and 0 < x.numel() <= 8 * weight.shape[1] and x.shape[-1] == weight.shape[1]
-            and x.is_contiguous() and weight.is_contiguous()
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and not torch.compiler.is_compiling() and _gemv_lib() is not None)
+def _ok(x: torch.Tensor) -> bool:
+    """fp32, CPU, contiguous, no autograd, not being traced by torch.compile."""
+    return (x.dtype is _F32 and x.is_cpu and x.is_contiguous() and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x with at most 8 rows, through the native kernel.
-
-    Callers check `gemv_eligible` first; shapes are checked here because a wrong one would read
-    out of bounds instead of raising.
-    """
-    lib = _gemv_lib()
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows through the native kernel, or None."""
+    fn = _fns["llmkit_gemv"] if "llmkit_gemv" in _fns else _resolve("llmkit_gemv")
+    if fn is None or not _ok(x) or weight.dim() != 2:
+        return None
     n, k = weight.shape
-    if x.shape[-1] != k or (bias is not None and (bias.shape != (n,) or not bias.is_contiguous())):
-        raise ValueError(f"gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"bias {None if bias is None else tuple(bias.shape)} do not fit")
-    m = x.numel() // k
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    if (x.dim() == 0 or x.shape[-1] != k or not 0 < x.numel() <= MAX_ROWS * k or weight.dtype is not _F32
+            or not weight.is_cpu or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype is not _F32 or not bias.is_cpu or not bias.is_contiguous()
+                                      or bias.shape != (n,)))):
+        return None
+    y = torch.empty(*x.shape[:-1], n)
     with _call_lock:
-        rc = lib.llmkit_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
-                             y.data_ptr(), m, n, k, num_threads())
-    if rc != 0:
-        raise ValueError(f"gemv: unsupported shape x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+           x.numel() // k, n, k, _threads or torch.get_num_threads())
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim for a few rows, or None."""
+    fn = _fns["llmkit_rms_norm"] if "llmkit_rms_norm" in _fns else _resolve("llmkit_rms_norm")
+    if fn is None or not _ok(x):
+        return None
+    d = weight.shape[0]
+    if (x.dim() == 0 or x.shape[-1] != d or not 0 < x.numel() <= MAX_ROWS * d or weight.dtype is not _F32
+            or not weight.is_cpu or not weight.is_contiguous()):
+        return None
+    y = torch.empty_like(x)  # x is contiguous: so is y
+    fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x * cos + rotate_half(x) * sin for x [B, H, T, d] at one position (B * T == 1), or None."""
+    fn = _fns["llmkit_rope"] if "llmkit_rope" in _fns else _resolve("llmkit_rope")
+    if fn is None or x.dim() != 4 or x.shape[0] * x.shape[2] != 1 or not _ok(x):
+        return None
+    d = x.shape[-1]
+    if (d % 2 or x.numel() > 64 * MAX_ROWS * d or cos.numel() != d or sin.numel() != d
+            or cos.dtype is not _F32 or sin.dtype is not _F32 or not cos.is_cpu or not sin.is_cpu
+            or not cos.is_contiguous() or not sin.is_contiguous()):
+        return None
+    y = torch.empty(*x.shape)
+    fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), x.numel() // d, d)
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(d)) v for one query position, as [1, 1, H * d] (the layout the output
+    projection takes), or None. q [1, H, 1, d]; k, v [1, KV, S, d] with rows of d contiguous floats
+    (slices of the KV cache); every cached position is visible (no mask, no window)."""
+    fn = _fns["llmkit_decode_attention"] if "llmkit_decode_attention" in _fns else _resolve("llmkit_decode_attention")
+    if fn is None or q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or not _ok(q):
+        return None
+    _, H, _, d = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    if (k.shape != v.shape or k.shape[0] != 1 or k.shape[3] != d or KV == 0 or H % KV or S == 0
+            or k.dtype is not _F32 or v.dtype is not _F32 or not k.is_cpu or not v.is_cpu
+            or k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != d):
+        return None
+    out = torch.empty(1, 1, H * d)
+    scores = torch.empty(S)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, KV, S, d, k.stride(1),
+       d ** -0.5)
+    return out

@@ -106,7 +106,7 @@ static void run_rows(const job_t *j, long r0, long r1) {
  * keeps its job alive (the caller waits for every claimed chunk), so reading the job after a
  * successful claim is safe even for a thread that woke up late. */
 #define MAX_THREADS 64
-#define SPIN_NS 2000000L /* workers spin this long for the next call before sleeping */
+#define SPIN_NS 300000L /* workers spin this long for the next call before sleeping */
 
 static job_t jobs[2];
 static _Atomic long state = 0;
@@ -119,10 +119,12 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static long generation = 0;
 /* Contention: when the caller waits long for a chunk another thread claimed, that thread was
- * preempted (its core is busy elsewhere); run the next calls on the caller alone for a while,
- * doubling the while on each repeat, halving it after each call that ran well. */
+ * preempted (its core is busy elsewhere). If that happens on more than 1 in 16 calls of a window
+ * of 128, run the next calls on the caller alone, for twice as many calls after each bad window in
+ * a row; a quiet machine sees such waits far more rarely (timer interrupts, page faults). */
 #define WAIT_LIMIT_NS 50000L
-static long solo_calls = 0, solo_len = 64, good_run = 0;
+#define WINDOW 128
+static long solo_calls = 0, solo_len = 256, window_calls = 0, window_slow = 0;
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -228,13 +230,15 @@ int llmkit_gemv(const float *W, const float *x, const float *b, float *y, long M
         cpu_relax();
         if (!slow && (++spins & 255) == 0 && now_ns() - waited_from > WAIT_LIMIT_NS) slow = 1;
     }
-    if (slow) {
-        solo_len = solo_len < 16384 ? 2 * solo_len : 16384;
-        solo_calls = solo_len;
-        good_run = 0;
-    } else if (++good_run >= 4096) {
-        solo_len = 64;
-        good_run = 0;
+    window_slow += slow;
+    if (++window_calls == WINDOW) {
+        if (window_slow * 16 > WINDOW) {
+            solo_calls = solo_len;
+            solo_len = solo_len < 16384 ? 2 * solo_len : 16384;
+        } else {
+            solo_len = 256;
+        }
+        window_calls = window_slow = 0;
     }
     return 0;
 }

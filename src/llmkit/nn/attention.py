@@ -12,6 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from llmkit import kernels
 from llmkit.config import ModelConfig
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
@@ -60,6 +61,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         # a single new token attends to everything cached: no mask needed
         is_causal = mask is None and T > 1
+        if T == 1 and mask is None and cache is not None and not self.return_weights:
+            y = kernels.decode_attention(q, k, v)  # a batch-1 decoding step on CPU: native, or None
+            if y is not None:
+                return self.resid_dropout(self.proj(y))
         if self.return_weights:
             y, self.last_weights = eager_attention(q, k, v, mask, is_causal=is_causal)
         else:

@@ -12,6 +12,8 @@ from llmkit import kernels
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= 8 * self.in_features and kernels.gemv_eligible(x, self.weight, self.bias):
-            return kernels.gemv(x, self.weight, self.bias)
+        if x.numel() <= kernels.MAX_ROWS * self.in_features:
+            y = kernels.linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
         return F.linear(x, self.weight, self.bias)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from llmkit import kernels
 from llmkit.config import ModelConfig
 
 
@@ -88,6 +89,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + d/2) of x [B, H, T, d] by position-dependent angles [B, 1, T, d]."""
+    if x.shape[2] == 1:  # a decoding step's single position: the native kernel
+        y = kernels.rope(x, cos, sin)
+        if y is not None:
+            return y
     return x * cos + rotate_half(x) * sin
 
 

@@ -1,0 +1,77 @@
+/* Per-row operations of a decoding step on CPU: RMSNorm, rotary embeddings, and attention of one
+ * query position over the KV cache.
+ *
+ * At batch 1 these act on a single row of a few hundred floats; PyTorch's composite rms_norm
+ * (pow, mean, rsqrt, two muls, dtype round trips) and rotate-half RoPE (slices, neg, cat, muls)
+ * spend ~30 and ~15 microseconds on dispatch for under a microsecond of arithmetic, per call, on
+ * every layer, and scaled_dot_product_attention ~40 for one query. One C call each removes that.
+ * Single-threaded: the rows are tiny.
+ */
+#include <math.h>
+#include <stddef.h>
+
+/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of `dim` floats (fp32 math, like the reference) */
+void llmkit_rms_norm(const float *x, const float *w, float *y, long rows, long dim, float eps) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        long k = 0;
+        for (; k + 8 <= dim; k += 8)
+            for (int j = 0; j < 8; j++) acc[j] += xr[k + j] * xr[k + j];
+        float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; k < dim; k++) ss += xr[k] * xr[k];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (k = 0; k < dim; k++) yr[k] = (xr[k] * inv) * w[k];
+    }
+}
+
+/* Rotate-half RoPE: for each of `heads` rows of `dim` floats (pairs i, i + dim/2),
+ * y = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); cos, sin hold `dim` floats. */
+void llmkit_rope(const float *x, const float *cos_, const float *sin_, float *y, long heads, long dim) {
+    long half = dim / 2;
+    for (long h = 0; h < heads; h++) {
+        const float *xh = x + h * dim;
+        float *yh = y + h * dim;
+        for (long i = 0; i < half; i++) {
+            float a = xh[i], b = xh[i + half];
+            yh[i] = a * cos_[i] - b * sin_[i];
+            yh[i + half] = b * cos_[i + half] + a * sin_[i + half];
+        }
+    }
+}
+
+/* Attention of one query position per head over S cached positions (grouped-query: query head h
+ * reads key/value head h / (H / KV)). q [H, d] contiguous; k, v: head kv, position s at
+ * k + kv * head_stride + s * d; out [H, d]. `scores` is caller-provided scratch of S floats. */
+void llmkit_decode_attention(const float *q, const float *k, const float *v, float *out, float *scores,
+                             long H, long KV, long S, long d, long head_stride, float scale) {
+    long group = H / KV;
+    for (long h = 0; h < H; h++) {
+        const float *qh = q + h * d;
+        const float *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
+        float mx = -INFINITY;
+        for (long s = 0; s < S; s++) {
+            const float *ks = kh + s * d;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            long i = 0;
+            for (; i + 8 <= d; i += 8)
+                for (int j = 0; j < 8; j++) acc[j] += qh[i + j] * ks[i + j];
+            float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (; i < d; i++) dot += qh[i] * ks[i];
+            scores[s] = dot * scale;
+            if (scores[s] > mx) mx = scores[s];
+        }
+        float total = 0.0f;
+        for (long s = 0; s < S; s++) {
+            scores[s] = expf(scores[s] - mx);
+            total += scores[s];
+        }
+        float *oh = out + h * d;
+        for (long i = 0; i < d; i++) oh[i] = 0.0f;
+        for (long s = 0; s < S; s++) {
+            const float p = scores[s] / total, *vs = vh + s * d;
+            for (long i = 0; i < d; i++) oh[i] += p * vs[i];
+        }
+    }
+}
