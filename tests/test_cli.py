@@ -79,6 +79,7 @@ def test_generate_streams_text_and_greedy_is_deterministic(capsys, run_dir):
 def test_info_prints_parameters_per_component(capsys, run_dir):
     code, out, _ = run_cli(capsys, "info", str(run_dir))
     assert code == 0 and "attn" in out and "mlp" in out and "KV cache" in out and "total" in out
+    assert "native CPU kernels:" in out
 
 
 def test_train_from_recipe_with_flag_override(capsys, corpus, tmp_path):

@@ -1,4 +1,5 @@
-"""`llmkit info DIR`: what a model directory holds: config, parameters per component, cache size."""
+"""`llmkit info DIR`: what a model directory holds: config, parameters per component, cache size,
+and whether the native CPU decoding kernels run on this machine."""
 from __future__ import annotations
 
 import argparse
@@ -28,4 +29,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"KV cache: {per_token:,} bytes per token ({per_token * cfg.context_length / 2**20:.1f} MiB for the full "
           f"context of {cfg.context_length})")
     print(f"tokenizer: {type(lm.tokenizer).__name__}, vocabulary {lm.tokenizer.vocab_size}")
+    if next(model.parameters()).device.type == "cpu":
+        from llmkit import kernels
+
+        print(kernels.status())
     return 0
