@@ -37,8 +37,19 @@ static inline float hsum8(__m256 v) {
 /* dot products of 4 weight rows with one x row */
 static inline void dot4(const float *w, long K, const float *x, float *out) {
     const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xv = _mm256_loadu_ps(x + k), xu = _mm256_loadu_ps(x + k + 8);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k + 8), xu, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k + 8), xu, b1);
+        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k + 8), xu, b2);
+        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k + 8), xu, b3);
+    }
     for (; k + 8 <= K; k += 8) {
         __m256 xv = _mm256_loadu_ps(x + k);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
@@ -46,7 +57,8 @@ static inline void dot4(const float *w, long K, const float *x, float *out) {
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
     }
-    float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+    float s0 = hsum8(_mm256_add_ps(a0, b0)), s1 = hsum8(_mm256_add_ps(a1, b1));
+    float s2 = hsum8(_mm256_add_ps(a2, b2)), s3 = hsum8(_mm256_add_ps(a3, b3));
     for (; k < K; k++) {
         s0 += w0[k] * x[k]; s1 += w1[k] * x[k]; s2 += w2[k] * x[k]; s3 += w3[k] * x[k];
     }
