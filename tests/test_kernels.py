@@ -160,3 +160,18 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels.reset()
+
+
+@needs_native
+def test_unwritable_cache_folder_falls_back_to_temp(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LLMKIT_CACHE", str(blocker / "cache"))  # mkdir under a file fails
+    kernels.reset()
+    try:
+        assert kernels.available(), kernels.status()
+        with torch.no_grad():
+            assert kernels.linear(torch.randn(1, 16), torch.randn(8, 16)) is not None
+    finally:
+        monkeypatch.undo()
+        kernels.reset()

@@ -71,9 +71,15 @@ def load(name: str) -> ctypes.CDLL | None:
             raise RuntimeError("no C compiler found (install gcc, or set CC)")
         src = HERE / f"{name}.c"
         key = hashlib.sha256(src.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode())
-        out = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+        filename = f"{name}-{key.hexdigest()[:16]}.so"
+        out = cache_dir() / filename
         if not out.exists():
-            _compile(src, out, compiler)
+            try:
+                _compile(src, out, compiler)
+            except OSError:  # cache folder not writable (read-only home): a per-user temp folder
+                out = Path(tempfile.gettempdir()) / f"llmkit-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}" / filename
+                if not out.exists():
+                    _compile(src, out, compiler)
         import torch  # noqa: F401  (torch's OpenMP runtime first: the kernel then shares its threads)
 
         lib = ctypes.CDLL(str(out))
