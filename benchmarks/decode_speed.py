@@ -42,10 +42,14 @@ version fell to 1 token/s with one core busy elsewhere). The rest of the step (s
 one torch thread. The last column runs transformers with one thread as well.
 
 Result: >= 60% of the limit met for GPT-2 (68%), not for SmolLM (56%); >= 2x transformers not met
-(1.67x, 1.86x). Where the time goes (SmolLM, per token): ~22 ms in the matrix-vector kernel, which
-streams at ~24-25 GB/s against ~29 GB/s for a plain two-thread C read of the same memory, and
-~5-8 ms of per-layer Python and op dispatch over 30 layers. transformers reaches 30-40% of the
-limit on this machine, not a quarter to a third, so 2x would need 60-80% with no overhead at all.
+(1.60-1.67x, 1.85-1.88x). Where the time goes (SmolLM, per token, ~30 ms): ~21.5 ms in the
+matrix-vector kernel. In isolation it streams a SmolLM-shaped weight set at ~27.8 GB/s, against
+~29 GB/s for a plain two-thread C read; inside the model it gets ~25 GB/s. Then ~9 ms of per-layer
+Python and op dispatch over 30 layers. That overhead is ~5 ms when the matrix-vector calls are
+replaced by no-ops: each real call streams megabytes through the 512 KB L2, so the Python that
+follows runs from L3. transformers reaches 30-42% of the limit on this machine, not a quarter to a
+third. 2x would need 60-85% with almost no overhead, which eager PyTorch's per-op dispatch does not
+leave; a fully native decode step would be the next step.
 Figures vary +-10% between runs on this shared 2-core machine.
 """
 
