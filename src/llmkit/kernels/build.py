@@ -70,7 +70,9 @@ def load(name: str) -> ctypes.CDLL | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (install gcc, or set CC)")
         src = HERE / f"{name}.c"
-        key = hashlib.sha256(src.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode())
+        headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))
+        key = hashlib.sha256(src.read_bytes() + headers + " ".join([compiler, *FLAGS]).encode()
+                             + _cpu_identity().encode())
         filename = f"{name}-{key.hexdigest()[:16]}.so"
         out = cache_dir() / filename
         if not out.exists():

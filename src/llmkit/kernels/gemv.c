@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "dot.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -74,16 +76,7 @@ static inline float dot1(const float *w, long K, const float *x) {
     return s;
 }
 #else
-/* portable: eight independent partial sums, which compilers vectorize without reassociating */
-static inline float dot1(const float *w, long K, const float *x) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    long k = 0;
-    for (; k + 8 <= K; k += 8)
-        for (int j = 0; j < 8; j++) acc[j] += w[k + j] * x[k + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
+static inline float dot1(const float *w, long K, const float *x) { return llmkit_dot(w, x, K); }
 
 static inline void dot4(const float *w, long K, const float *x, float *out) {
     for (int r = 0; r < 4; r++) out[r] = dot1(w + r * K, K, x);

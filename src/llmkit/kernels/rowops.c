@@ -10,19 +10,15 @@
 #include <math.h>
 #include <stddef.h>
 
+#include "dot.h"
+
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of `dim` floats (fp32 math, like the reference) */
 void llmkit_rms_norm(const float *x, const float *w, float *y, long rows, long dim, float eps) {
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *yr = y + r * dim;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        long k = 0;
-        for (; k + 8 <= dim; k += 8)
-            for (int j = 0; j < 8; j++) acc[j] += xr[k + j] * xr[k + j];
-        float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; k < dim; k++) ss += xr[k] * xr[k];
-        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (k = 0; k < dim; k++) yr[k] = (xr[k] * inv) * w[k];
+        float inv = 1.0f / sqrtf(llmkit_dot(xr, xr, dim) / (float)dim + eps);
+        for (long k = 0; k < dim; k++) yr[k] = (xr[k] * inv) * w[k];
     }
 }
 
@@ -52,14 +48,7 @@ void llmkit_decode_attention(const float *q, const float *k, const float *v, flo
         const float *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
         float mx = -INFINITY;
         for (long s = 0; s < S; s++) {
-            const float *ks = kh + s * d;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            long i = 0;
-            for (; i + 8 <= d; i += 8)
-                for (int j = 0; j < 8; j++) acc[j] += qh[i + j] * ks[i + j];
-            float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            for (; i < d; i++) dot += qh[i] * ks[i];
-            scores[s] = dot * scale;
+            scores[s] = llmkit_dot(qh, kh + s * d, d) * scale;
             if (scores[s] > mx) mx = scores[s];
         }
         float total = 0.0f;
