@@ -175,3 +175,31 @@ def test_unwritable_cache_folder_falls_back_to_temp(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels.reset()
+
+
+def test_portable_path_without_avx2_equals_pytorch(tmp_path):
+    """The kernels' non-AVX2 branch (other CPUs): built with a generic -march and called directly."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the generic flag below is x86-64's")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    flags = [f if f != "-march=native" else "-march=x86-64" for f in build.FLAGS]
+    libs = {}
+    for name in ("gemv", "rowops"):
+        build._compile(build.HERE / f"{name}.c", tmp_path / f"{name}.so", compiler, flags)
+        libs[name] = ctypes.CDLL(str(tmp_path / f"{name}.so"))
+    P, L = ctypes.c_void_p, ctypes.c_long
+    gemv = libs["gemv"].llmkit_gemv
+    gemv.argtypes = [P] * 4 + [L] * 3 + [ctypes.c_int]
+    norm = libs["rowops"].llmkit_rms_norm
+    norm.argtypes = [P] * 3 + [L] * 2 + [ctypes.c_float]
+    g = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(1001, 333, generator=g), torch.randn(3, 333, generator=g), torch.randn(1001, generator=g)
+    y = torch.empty(3, 1001)
+    assert gemv(w.data_ptr(), x.data_ptr(), b.data_ptr(), y.data_ptr(), 3, 1001, 333, 2) == 0
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    weight, out = torch.randn(333, generator=g), torch.empty(3, 333)
+    norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), 3, 333, 1e-6)
+    torch.testing.assert_close(out, F.rms_norm(x, (333,), None, 1e-6) * weight, rtol=1e-5, atol=1e-5)

@@ -44,13 +44,14 @@ def _cpu_identity() -> str:
     return text
 
 
-def _compile(src: Path, out: Path, compiler: str) -> None:
-    """Build into a temp file beside `out`, then rename: concurrent first uses never see half a file."""
+def _compile(src: Path, out: Path, compiler: str, flags: list[str] = FLAGS) -> None:
+    """Build into a temp file beside `out`, then rename: concurrent first uses never see half a file.
+    (`flags` differ only in tests, which build the portable path with a generic -march.)"""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(src), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([compiler, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
         os.replace(tmp, out)
