@@ -99,3 +99,34 @@ def test_continuation_keeps_the_space_sentencepiece_drops_at_a_text_start():
     pieces = [streamer.put(t) for t in ids[1:]] + [streamer.finish()]
     assert "".join(pieces) == " upon a time"
     assert tok.decode(ids[1:]) == "upon a time"  # what decoding the continuation alone gives
+
+
+def test_long_streams_decode_a_bounded_window_per_token(gpt2_tokenizer):
+    """Each token decodes a bounded window of ids (not the whole continuation), and the
+    pieces still reassemble exactly, multi-byte characters and SentencePiece spacing included."""
+    import pytest
+    from pathlib import Path
+    from llmkit.tokenizers import load_tokenizer
+
+    tokenizers = [gpt2_tokenizer]
+    sp = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+    if sp.is_file():
+        tokenizers.append(load_tokenizer(sp))
+    text = (TEXT + " Once upon a time, naïve café owners said 你好 🌧️. ") * 12
+    for tok in tokenizers:
+        longest = []
+        real_decode = tok.decode
+        tok.decode = lambda ids, _real=real_decode: longest.append(len(ids)) or _real(ids)
+        try:
+            ids = tok.encode(text)
+            streamer = TextStreamer(tok, context=ids[:1])
+            pieces = [streamer.put(t) for t in ids[1:]] + [streamer.finish()]
+        finally:
+            tok.decode = real_decode
+        assert len(ids) > 300
+        assert "".join(pieces) == real_decode(ids)[len(real_decode(ids[:1])):]
+        assert all("\ufffd" not in p for p in pieces)
+        # a cut inside a multi-byte character waits a few tokens to commit: still bounded, not O(len)
+        assert max(longest) <= TextStreamer.ANCHOR + 3 * TextStreamer.WINDOW < len(ids) // 4
+    if len(tokenizers) == 1:
+        pytest.skip("SentencePiece tokenizer not present; byte-level BPE checked")

@@ -1,6 +1,8 @@
 """Incremental detokenisation. Decoding token by token breaks multi-byte characters (byte-level
 BPE emits half a UTF-8 sequence) and would print the start of a stop string before we know it is
-one; so we decode the whole continuation and emit only the part that is final."""
+one; so we decode the recent tokens behind an anchor of earlier ones and emit only the part that is
+final. Text that can no longer change is committed once, so each token costs a decode of a short
+window, not of the whole continuation."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,6 +33,8 @@ class TextStreamer:
         self.ids: list[int] = []
         self.emitted = 0
         self.stopped = False
+        self.commit = 0  # ids[:commit] are decoded once into committed_text
+        self.committed_text = ""
 
     def put(self, token: int) -> str:
         """Add a token; return the newly final text (possibly empty)."""
@@ -49,12 +53,31 @@ class TextStreamer:
         piece, self.emitted = text[self.emitted:end], end
         return piece
 
+    ANCHOR, WINDOW = 4, 16  # ids decoded before the window (for their spacing); uncommitted ids kept
+
+    def _decode_after(self, anchor: list[int], ids: list[int]) -> str:
+        """The text `ids` add after `anchor` (SentencePiece drops a text's leading space otherwise)."""
+        if anchor:
+            full, head = self.tokenizer.decode(anchor + ids), self.tokenizer.decode(anchor)
+            if full.startswith(head):
+                return full[len(head):]
+        return self.tokenizer.decode(ids)
+
+    def _anchor(self) -> list[int]:
+        before = self.context + self.ids[:self.commit]
+        return before[-self.ANCHOR:] if self.commit else self.context
+
     def _text(self) -> str:
-        if self.context:
-            full = self.tokenizer.decode(self.context + self.ids)
-            if full.startswith(self.context_text):
-                return full[len(self.context_text):]
-        return self.tokenizer.decode(self.ids)
+        """The whole continuation's text: the committed part, then the window decoded behind its anchor."""
+        tail = self._decode_after(self._anchor(), self.ids[self.commit:])
+        text = self.committed_text + tail
+        if len(self.ids) - self.commit > 2 * self.WINDOW:  # commit all but the last WINDOW ids
+            cut = len(self.ids) - self.WINDOW
+            head = self._decode_after(self._anchor(), self.ids[self.commit:cut])
+            if head and not head.endswith("\ufffd") and tail.startswith(head):
+                self.committed_text += head
+                self.commit = cut
+        return text
 
     def finish(self) -> str:
         """Flush what was held back (the stream ended without completing a stop string)."""
