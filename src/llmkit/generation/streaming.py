@@ -29,7 +29,6 @@ class TextStreamer:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.context = list(context)
-        self.context_text = tokenizer.decode(self.context) if self.context else ""
         self.ids: list[int] = []
         self.emitted = 0
         self.stopped = False
