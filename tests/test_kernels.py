@@ -17,7 +17,7 @@ from llmkit.kernels import build
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.linear import Linear
 
-needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('gemv')}")
+needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('decode')}")
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler on this machine")
 
@@ -151,7 +151,7 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     kernels.reset()
     try:
         assert not kernels.available() and "no C compiler" not in kernels.status()
-        assert build.why_not("gemv") and "no-such-compiler" in kernels.status()
+        assert build.why_not("decode") and "no-such-compiler" in kernels.status()
         layer = Linear(8, 4)
         x = torch.randn(1, 8)
         with torch.no_grad():
@@ -178,7 +178,8 @@ def test_unwritable_cache_folder_falls_back_to_temp(monkeypatch, tmp_path):
 
 
 def test_portable_path_without_avx2_equals_pytorch(tmp_path):
-    """The kernels' non-AVX2 branch (other CPUs): built with a generic -march and called directly."""
+    """The kernels' non-AVX2 branch (other CPUs): built with a generic -march, then used by a model
+    through the normal dispatch for every linear layer and a whole native decoding step."""
     import ctypes
     import platform
 
@@ -186,20 +187,23 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
         pytest.skip("the generic flag below is x86-64's")
     compiler = shutil.which("cc") or shutil.which("gcc")
     flags = [f if f != "-march=native" else "-march=x86-64" for f in build.FLAGS]
-    libs = {}
-    for name in ("gemv", "rowops"):
-        build._compile(build.HERE / f"{name}.c", tmp_path / f"{name}.so", compiler, flags)
-        libs[name] = ctypes.CDLL(str(tmp_path / f"{name}.so"))
-    P, L = ctypes.c_void_p, ctypes.c_long
-    gemv = libs["gemv"].llmkit_gemv
-    gemv.argtypes = [P] * 4 + [L] * 3 + [ctypes.c_int]
-    norm = libs["rowops"].llmkit_rms_norm
-    norm.argtypes = [P] * 3 + [L] * 2 + [ctypes.c_float]
-    g = torch.Generator().manual_seed(0)
-    w, x, b = torch.randn(1001, 333, generator=g), torch.randn(3, 333, generator=g), torch.randn(1001, generator=g)
-    y = torch.empty(3, 1001)
-    assert gemv(w.data_ptr(), x.data_ptr(), b.data_ptr(), y.data_ptr(), 3, 1001, 333, 2) == 0
-    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    weight, out = torch.randn(333, generator=g), torch.empty(3, 333)
-    norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), 3, 333, 1e-6)
-    torch.testing.assert_close(out, F.rms_norm(x, (333,), None, 1e-6) * weight, rtol=1e-5, atol=1e-5)
+    build._compile(build.HERE / "decode.c", tmp_path / "decode.so", compiler, flags)
+    kernels.reset()
+    build._loaded["decode"] = ctypes.CDLL(str(tmp_path / "decode.so"))
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x, b = torch.randn(1001, 333, generator=g), torch.randn(3, 333, generator=g), torch.randn(1001, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+        torch.manual_seed(0)
+        model = DecoderLM(ModelConfig.from_preset("tiny", mlp="swiglu", norm="rmsnorm", position="rope")).eval()
+        ids = torch.randint(0, 256, (1, 20), generator=g)
+        with torch.no_grad():
+            full = model(ids)
+            cache = model.make_cache(1)
+            model(ids[:, :5], cache=cache)
+            steps = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(5, 20)], 1)
+        assert cache.native[2] is not None
+        torch.testing.assert_close(steps, full[:, 5:], rtol=1e-4, atol=1e-5)
+    finally:
+        kernels.reset()

@@ -18,16 +18,20 @@ from typing import Any, Iterator
 import torch
 
 from llmkit.kernels import build
+from llmkit.kernels.hugepages import place_in_huge_pages  # noqa: F401  (re-exported)
 
 MAX_ROWS = 8  # rows one call takes (gemv.c's MAX_ROWS)
 _F32 = torch.float32
 _P, _L = ctypes.c_void_p, ctypes.c_long
 # symbol -> (library, argument types, result type)
+# One library (decode.c includes gemv.c and rowops.c): one thread pool serves every caller.
 _SIGNATURES = {
-    "llmkit_gemv": ("gemv", [_P] * 4 + [_L] * 3 + [ctypes.c_int], ctypes.c_int),
-    "llmkit_rms_norm": ("rowops", [_P] * 3 + [_L] * 2 + [ctypes.c_float], None),
-    "llmkit_rope": ("rowops", [_P] * 4 + [_L] * 2, None),
-    "llmkit_decode_attention": ("rowops", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
+    "llmkit_gemv": ("decode", [_P] * 4 + [_L] * 3 + [ctypes.c_int], ctypes.c_int),
+    "llmkit_rms_norm": ("decode", [_P] * 3 + [_L] * 2 + [ctypes.c_float], None),
+    "llmkit_rope": ("decode", [_P] * 4 + [_L] * 2, None),
+    "llmkit_decode_attention": ("decode", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
+    "llmkit_decode_token": ("decode", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
+    "llmkit_decode_scratch": ("decode", [_P], _L),
 }
 _fns: dict[str, Any] = {}  # symbol -> ctypes function, or None where its library did not build
 _threads: int | None = None  # threads for native kernels; None = torch.get_num_threads()
@@ -60,8 +64,8 @@ def available() -> bool:
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (gemv, rms_norm, rope, decode attention; {num_threads()} threads; cache {build.cache_dir()})"
-    reason = build.why_not("gemv") or build.why_not("rowops")
+        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention; {num_threads()} threads; cache {build.cache_dir()})"
+    reason = build.why_not("decode")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
 
@@ -151,3 +155,70 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, KV, S, d, k.stride(1),
        d ** -0.5)
     return out
+
+
+# --- a whole decoding step (decode.c) ----------------------------------------------------------
+
+LAYER_FIELDS = ("norm1_w", "norm1_b", "qkv_w", "qkv_b", "proj_w", "proj_b", "norm2_w", "norm2_b",
+                "up_w", "up_b", "gate_w", "gate_b", "down_w", "down_b", "k_cache", "v_cache")
+MODEL_FIELDS = ("tok_emb", "norm_w", "norm_b", "head_w", "head_b")
+SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_len", "window")
+NORMS = {"layernorm": 0, "rmsnorm": 1}
+MLPS = {"gelu": 0, "gelu_tanh": 1, "swiglu": 2}
+
+
+class LayerTable(ctypes.Structure):
+    _fields_ = [(name, _P) for name in LAYER_FIELDS]
+
+
+class DecoderTable(ctypes.Structure):
+    _fields_ = ([(name, _L) for name in ("n_layers", *SIZE_FIELDS, "norm", "mlp", "vocab")]
+                + [("eps", ctypes.c_float), ("layers", ctypes.POINTER(LayerTable))]
+                + [(name, _P) for name in MODEL_FIELDS] + [("scratch", _P)])
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecoderStep:
+    """A whole batch-1 decoding step in one native call (`llmkit_decode_token`): embedding, every
+    layer, final norm and LM head for one token.
+
+    `model` maps MODEL_FIELDS and `layers` (one dict per layer) map LAYER_FIELDS to contiguous fp32
+    CPU tensors or None (absent biases, the gate of a non-gated MLP). The tensors are referenced,
+    not copied: the table stays valid while they are neither replaced nor resized, which is the
+    lifetime of one KV cache.
+    """
+
+    def __init__(self, sizes: dict[str, int], norm: str, mlp: str, eps: float, model: dict[str, Any],
+                 layers: list[dict[str, Any]]):
+        fn = _resolve("llmkit_decode_token")
+        if fn is None:
+            raise RuntimeError("native kernels are not available")
+        self._fn = fn
+        self._tensors = [t for table in (model, *layers) for t in table.values() if t is not None]  # keep alive
+        self._layers = (LayerTable * len(layers))(*(
+            LayerTable(*(_ptr(layer.get(f)) for f in LAYER_FIELDS)) for layer in layers))
+        self.vocab = model["head_w"].shape[0]
+        self.table = DecoderTable(n_layers=len(layers), norm=NORMS[norm], mlp=MLPS[mlp], vocab=self.vocab, eps=eps,
+                                  layers=self._layers, **{f: _ptr(model.get(f)) for f in MODEL_FIELDS},
+                                  **{f: sizes[f] for f in SIZE_FIELDS})
+        self._scratch = torch.empty(_resolve("llmkit_decode_scratch")(ctypes.byref(self.table)))
+        self.table.scratch = self._scratch.data_ptr()
+        self._ref = ctypes.byref(self.table)
+
+    def __call__(self, token: int, pos: int, pos_row: torch.Tensor | None = None,
+                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [1, 1, vocab] for `token` at position `pos` (its key and value enter the cache).
+        pos_row: the additive position embedding of `pos`; cos, sin: its rotary angles; each
+        d_model / head_dim contiguous fp32 floats, or None."""
+        logits = torch.empty(1, 1, self.vocab)
+        with _call_lock:
+            err = self._fn(self._ref, token, pos, _ptr(pos_row), _ptr(cos), _ptr(sin), logits.data_ptr(),
+                           _threads or torch.get_num_threads())
+        if err == 2:
+            raise IndexError(f"token id {token} is outside the vocabulary (size {self.vocab})")
+        if err:
+            raise ValueError(f"KV cache full: position {pos} >= max_len {self.table.max_len}")
+        return logits

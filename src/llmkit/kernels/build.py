@@ -71,8 +71,9 @@ def load(name: str) -> ctypes.CDLL | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (install gcc, or set CC)")
         src = HERE / f"{name}.c"
-        headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))
-        key = hashlib.sha256(src.read_bytes() + headers + " ".join([compiler, *FLAGS]).encode()
+        # every source and header here: a library may #include another's source (decode.c does)
+        sources = b"".join(f.read_bytes() for f in sorted(HERE.glob("*.[ch]")))
+        key = hashlib.sha256(src.read_bytes() + sources + " ".join([compiler, *FLAGS]).encode()
                              + _cpu_identity().encode())
         filename = f"{name}-{key.hexdigest()[:16]}.so"
         out = cache_dir() / filename

@@ -83,14 +83,22 @@ static inline void dot4(const float *w, long K, const float *x, float *out) {
 }
 #endif
 
-/* --- the work: rows [r0, r1) of y for every x row ------------------------------------------- */
+/* --- parallel jobs: `run(job, i0, i1)` does items [i0, i1) of job->n ---------------------- */
+typedef struct job {
+    void (*run)(const struct job *, long, long);
+    const void *ctx;
+    long n, per_chunk;
+} job_t;
+
 typedef struct {
     const float *W, *x, *b;
     float *y;
-    long M, N, K, rows_per_chunk;
-} job_t;
+    long M, N, K;
+} gemv_t;
 
-static void run_rows(const job_t *j, long r0, long r1) {
+/* rows [r0, r1) of y for every x row */
+static void run_rows(const job_t *job, long r0, long r1) {
+    const gemv_t *j = job->ctx;
     long K = j->K, N = j->N;
     long n = r0;
     for (; n + 4 <= r1; n += 4) {
@@ -153,8 +161,8 @@ static void work_on(long gen) {
         if (next >= total) return;
         if (!atomic_compare_exchange_weak(&state, &s, s + 1)) continue;
         const job_t *j = &jobs[gen & 1];
-        long r0 = next * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
-        run_rows(j, r0, r1 < j->N ? r1 : j->N);
+        long r0 = next * j->per_chunk, r1 = r0 + j->per_chunk;
+        j->run(j, r0, r1 < j->n ? r1 : j->n);
         atomic_fetch_add(&done, 1);
     }
 }
@@ -201,20 +209,18 @@ static void ensure_workers(int n) {
     }
 }
 
-/* x [M, K] row-major, W [N, K] row-major, b [N] or NULL, y [M, N]; M <= MAX_ROWS.
- * Not reentrant: one call at a time per process (the Python side holds a lock). */
-int llmkit_gemv(const float *W, const float *x, const float *b, float *y, long M, long N, long K,
-                int nthreads) {
-    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1) return 1;
-    long rows = (16384 / K) & ~3L;
-    if (rows < 4) rows = 4;
-    long chunks = (N + rows - 1) / rows;
-    while (chunks > 0xFFFFF) { rows *= 2; chunks = (N + rows - 1) / rows; }
-    job_t j = {W, x, b, y, M, N, K, rows};
+/* Run job items [0, n) in chunks of per_chunk over up to nthreads threads (the caller included);
+ * returns when every chunk is done. Not reentrant: one call at a time per process (the Python side
+ * holds a lock; the native decode step calls it from the thread holding that lock). */
+static void parallel_for(void (*run)(const job_t *, long, long), const void *ctx, long n, long per_chunk,
+                         int nthreads) {
+    long chunks = (n + per_chunk - 1) / per_chunk;
+    while (chunks > 0xFFFFF) { per_chunk *= 2; chunks = (n + per_chunk - 1) / per_chunk; }
+    job_t j = {run, ctx, n, per_chunk};
     if (nthreads <= 1 || chunks == 1 || solo_calls > 0) {
         if (solo_calls > 0) solo_calls--;
-        run_rows(&j, 0, N);
-        return 0;
+        run(&j, 0, n);
+        return;
     }
     ensure_workers(nthreads - 1);
     long gen = ++generation;
@@ -245,6 +251,15 @@ int llmkit_gemv(const float *W, const float *x, const float *b, float *y, long M
         }
         window_calls = window_slow = 0;
     }
+}
+
+/* x [M, K] row-major, W [N, K] row-major, b [N] or NULL, y [M, N]; M <= MAX_ROWS. */
+int llmkit_gemv(const float *W, const float *x, const float *b, float *y, long M, long N, long K,
+                int nthreads) {
+    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1) return 1;
+    long rows = (16384 / K) & ~3L; /* chunks of about 64 KB of weights */
+    gemv_t g = {W, x, b, y, M, N, K};
+    parallel_for(run_rows, &g, N, rows < 4 ? 4 : rows, nthreads);
     return 0;
 }
 

@@ -37,30 +37,34 @@ void llmkit_rope(const float *x, const float *cos_, const float *sin_, float *y,
     }
 }
 
+/* One query head over S cached positions: qh [d]; key/value of position s at kh/vh + s * d; oh [d];
+ * `scores` is scratch of S floats. */
+static void attend_head(const float *qh, const float *kh, const float *vh, float *oh, float *scores, long S, long d,
+                        float scale) {
+    float mx = -INFINITY;
+    for (long s = 0; s < S; s++) {
+        scores[s] = llmkit_dot(qh, kh + s * d, d) * scale;
+        if (scores[s] > mx) mx = scores[s];
+    }
+    float total = 0.0f;
+    for (long s = 0; s < S; s++) {
+        scores[s] = expf(scores[s] - mx);
+        total += scores[s];
+    }
+    for (long i = 0; i < d; i++) oh[i] = 0.0f;
+    for (long s = 0; s < S; s++) {
+        const float p = scores[s] / total, *vs = vh + s * d;
+        for (long i = 0; i < d; i++) oh[i] += p * vs[i];
+    }
+}
+
 /* Attention of one query position per head over S cached positions (grouped-query: query head h
  * reads key/value head h / (H / KV)). q [H, d] contiguous; k, v: head kv, position s at
  * k + kv * head_stride + s * d; out [H, d]. `scores` is caller-provided scratch of S floats. */
 void llmkit_decode_attention(const float *q, const float *k, const float *v, float *out, float *scores,
                              long H, long KV, long S, long d, long head_stride, float scale) {
     long group = H / KV;
-    for (long h = 0; h < H; h++) {
-        const float *qh = q + h * d;
-        const float *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
-        float mx = -INFINITY;
-        for (long s = 0; s < S; s++) {
-            scores[s] = llmkit_dot(qh, kh + s * d, d) * scale;
-            if (scores[s] > mx) mx = scores[s];
-        }
-        float total = 0.0f;
-        for (long s = 0; s < S; s++) {
-            scores[s] = expf(scores[s] - mx);
-            total += scores[s];
-        }
-        float *oh = out + h * d;
-        for (long i = 0; i < d; i++) oh[i] = 0.0f;
-        for (long s = 0; s < S; s++) {
-            const float p = scores[s] / total, *vs = vh + s * d;
-            for (long i = 0; i < d; i++) oh[i] += p * vs[i];
-        }
-    }
+    for (long h = 0; h < H; h++)
+        attend_head(q + h * d, k + (h / group) * head_stride, v + (h / group) * head_stride, out + h * d, scores, S,
+                    d, scale);
 }

@@ -17,6 +17,7 @@ from llmkit.nn.masks import causal_mask, combine, padding_mask
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
+from llmkit.models.native_step import native_step
 
 
 class Block(nn.Module):
@@ -81,6 +82,15 @@ class DecoderLM(nn.Module):
             max_pos = offset + T
         else:
             max_pos = None
+        if T == 1 and B == 1 and cache is not None and attention_mask is None and max_pos is not None \
+                and offset < cache.max_len and not torch.is_grad_enabled():
+            step = native_step(self, cache)  # one token of one sequence: the whole model in one C call
+            if step is not None:
+                where = self.pos(position_ids, max_pos) if self.pos.additive or self.pos.rotary else None
+                cos, sin = where if self.pos.rotary else (None, None)
+                logits = step(int(idx), offset, where if self.pos.additive else None, cos, sin)
+                cache.advance(1)
+                return logits
         x = self.tok_emb(idx)
         rope = None
         if self.pos.additive:
@@ -113,24 +123,26 @@ class DecoderLM(nn.Module):
         return mask
 
     def use_decode_layout(self) -> "DecoderLM":
-        """Store the weight of every linear layer with more outputs than inputs column-major, once.
+        """Place the weights for batch-1 decoding on CPU, once (generation calls this).
 
-        At batch 1 each linear layer is a matrix-vector product bound by reading its weight; on CPU
-        MKL streams such a weight about 1.25x faster as [in, out] than as [out, in] (measured with
-        benchmarks/decode_speed.py). Values and the [out, in] shape stay the same (only the strides
-        change), so forward results, saving (which makes tensors contiguous) and loading see no
-        difference. A tied LM head changes the embedding's layout too; lookups do not care.
-        Skipped when the native matrix-vector kernel runs here: it reads the [out, in] layout at
-        full bandwidth (llmkit.kernels).
+        At batch 1 every linear layer is a matrix-vector product bound by reading its weight.
+        With the native kernels (llmkit.kernels) the weights move into 2 MiB pages, which the
+        kernel streams ~1.2x faster than 4 KiB ones (kernels/hugepages.py). Without them, every
+        linear layer with more outputs than inputs is stored column-major, which MKL's sgemv streams
+        about 1.25x faster than [out, in] (measured with benchmarks/decode_speed.py). Either way the
+        values and the [out, in] shape stay the same, so forward results, saving (which makes
+        tensors contiguous) and loading see no difference. A tied LM head moves with the embedding.
         """
-        if (getattr(self, "_decode_layout", False) or self.tok_emb.weight.device.type != "cpu"
-                or kernels.available()):
+        if getattr(self, "_decode_layout", False) or self.tok_emb.weight.device.type != "cpu":
             return self
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train later
-            for module in self.modules():
-                w = getattr(module, "weight", None)
-                if isinstance(module, nn.Linear) and w.shape[0] > w.shape[1] and w.stride(0) != 1:
-                    w.data = w.data.t().contiguous().t()
+            if kernels.available():
+                kernels.place_in_huge_pages(self)
+            else:
+                for module in self.modules():
+                    w = getattr(module, "weight", None)
+                    if isinstance(module, nn.Linear) and w.shape[0] > w.shape[1] and w.stride(0) != 1:
+                        w.data = w.data.t().contiguous().t()
         self._decode_layout = True
         return self
 
