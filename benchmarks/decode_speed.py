@@ -32,26 +32,23 @@ from llmkit.kernels import hugepages
 PROMPT, NEW, PREFILL = 32, 128, 512
 SECTION = "## Decode speed (llmkit.generation vs transformers generate)"
 NOTES = """\
-What llmkit does at batch 1 on CPU: a preallocated KV cache; logits of the last position only;
-native kernels built on first use (`llmkit.kernels`, plain C compiled with the system compiler,
-PyTorch's kernels when there is none): a matrix-vector product that splits each weight's rows over
-every core (MKL's sgemv reads at about one core's bandwidth here), and one C call each for RMSNorm,
-RoPE and one-query attention, which replace PyTorch composites whose dispatch costs more than their
-arithmetic on one row. The kernel's threads claim chunks of rows from a shared counter and the
-caller never waits for a thread that has not started, so a busy core costs little (an OpenMP
-version fell to 1 token/s with one core busy elsewhere). The rest of the step (small ops) runs on
-one torch thread. The last column runs transformers with one thread as well.
+What llmkit does at batch 1 on CPU: a preallocated KV cache, and the whole model for each new token
+in one C call (`llmkit.kernels`, `kernels/decode.c`, compiled with the system compiler on first
+use; PyTorch's kernels when there is none): embedding, every layer (norms, fused QKV, RoPE, KV-cache
+write, grouped-query attention, MLP, residuals), final norm, LM head. The matrix-vector products
+split each weight's rows over every core (MKL's sgemv reads at about one core's bandwidth here) on a
+small thread pool whose threads claim chunks from a shared counter, so the caller never waits for a
+thread that has not started (an OpenMP version fell to 1 token/s with one core busy elsewhere); the
+same pool runs the attention heads and the MLP activation. The weights move once into 2 MiB pages
+(`kernels/hugepages.py`), which a two-thread read streams ~1.1-1.2x faster than 4 KiB pages here:
+the limit column uses the faster of the two measured bandwidths, so it is the stricter one. The
+last two columns run transformers with one thread, and with its weights in 2 MiB pages as well: it
+is not bandwidth-bound, so neither helps it.
 
-Result: >= 60% of the limit met for GPT-2 (68%), not for SmolLM (56%); >= 2x transformers not met
-(1.60-1.67x, 1.85-1.88x). Where the time goes (SmolLM, per token, ~30 ms): ~21.5 ms in the
-matrix-vector kernel. In isolation it streams a SmolLM-shaped weight set at ~27.8 GB/s, against
-~29 GB/s for a plain two-thread C read; inside the model it gets ~25 GB/s. Then ~9 ms of per-layer
-Python and op dispatch over 30 layers. That overhead is ~5 ms when the matrix-vector calls are
-replaced by no-ops: each real call streams megabytes through the 512 KB L2, so the Python that
-follows runs from L3. transformers reaches 30-42% of the limit on this machine, not a quarter to a
-third. 2x would need 60-85% with almost no overhead, which eager PyTorch's per-op dispatch does not
-leave; a fully native decode step would be the next step.
-Figures vary +-10% between runs on this shared 2-core machine.
+Where a GPT-2 token goes (per token ~17.5 ms): ~11 ms in the 12 layers (of which ~0.7 ms is the
+small operations between matrix-vector products), ~5 ms in the LM head (154 MB), ~0.15 ms of Python
+(sampling, position lookup, the call). Figures vary +-10% between runs on this shared 2-core
+machine, transformers' too (27.7-29.2 tok/s for GPT-2 over the last runs).
 """
 
 

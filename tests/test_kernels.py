@@ -17,7 +17,7 @@ from llmkit.kernels import build
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.linear import Linear
 
-needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('decode')}")
+needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler on this machine")
 
@@ -151,7 +151,7 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     kernels.reset()
     try:
         assert not kernels.available() and "no C compiler" not in kernels.status()
-        assert build.why_not("decode") and "no-such-compiler" in kernels.status()
+        assert build.why_not("native") and "no-such-compiler" in kernels.status()
         layer = Linear(8, 4)
         x = torch.randn(1, 8)
         with torch.no_grad():
@@ -187,9 +187,9 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
         pytest.skip("the generic flag below is x86-64's")
     compiler = shutil.which("cc") or shutil.which("gcc")
     flags = [f if f != "-march=native" else "-march=x86-64" for f in build.FLAGS]
-    build._compile(build.HERE / "decode.c", tmp_path / "decode.so", compiler, flags)
+    build._compile(build.HERE / "native.c", tmp_path / "native.so", compiler, flags)
     kernels.reset()
-    build._loaded["decode"] = ctypes.CDLL(str(tmp_path / "decode.so"))
+    build._loaded["native"] = ctypes.CDLL(str(tmp_path / "native.so"))
     try:
         g = torch.Generator().manual_seed(0)
         w, x, b = torch.randn(1001, 333, generator=g), torch.randn(3, 333, generator=g), torch.randn(1001, generator=g)

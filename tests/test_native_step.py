@@ -18,7 +18,7 @@ from llmkit.models.native_step import native_step
 
 pytestmark = [pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                  reason="no C compiler on this machine"),
-              pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('decode')}")]
+              pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")]
 
 BASE = dict(vocab_size=96, context_length=48, n_layers=2, d_model=48, n_heads=4)
 VARIANTS = {

@@ -24,14 +24,14 @@ MAX_ROWS = 8  # rows one call takes (gemv.c's MAX_ROWS)
 _F32 = torch.float32
 _P, _L = ctypes.c_void_p, ctypes.c_long
 # symbol -> (library, argument types, result type)
-# One library (decode.c includes gemv.c and rowops.c): one thread pool serves every caller.
+# One library (native.c includes every kernel): one thread pool serves every caller.
 _SIGNATURES = {
-    "llmkit_gemv": ("decode", [_P] * 4 + [_L] * 3 + [ctypes.c_int], ctypes.c_int),
-    "llmkit_rms_norm": ("decode", [_P] * 3 + [_L] * 2 + [ctypes.c_float], None),
-    "llmkit_rope": ("decode", [_P] * 4 + [_L] * 2, None),
-    "llmkit_decode_attention": ("decode", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
-    "llmkit_decode_token": ("decode", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
-    "llmkit_decode_scratch": ("decode", [_P], _L),
+    "llmkit_gemv": ("native", [_P] * 4 + [_L] * 3 + [ctypes.c_int], ctypes.c_int),
+    "llmkit_rms_norm": ("native", [_P] * 3 + [_L] * 2 + [ctypes.c_float], None),
+    "llmkit_rope": ("native", [_P] * 4 + [_L] * 2, None),
+    "llmkit_decode_attention": ("native", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
+    "llmkit_decode_token": ("native", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
+    "llmkit_decode_scratch": ("native", [_P], _L),
 }
 _fns: dict[str, Any] = {}  # symbol -> ctypes function, or None where its library did not build
 _threads: int | None = None  # threads for native kernels; None = torch.get_num_threads()
@@ -65,7 +65,7 @@ def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
         return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention; {num_threads()} threads; cache {build.cache_dir()})"
-    reason = build.why_not("decode")
+    reason = build.why_not("native")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
 

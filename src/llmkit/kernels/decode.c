@@ -16,8 +16,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "gemv.c"
-#include "rowops.c"
+/* built as part of native.c, after gemv.c (parallel_for, llmkit_gemv) and rowops.c */
 
 enum { NORM_LAYER = 0, NORM_RMS = 1 };
 enum { MLP_GELU = 0, MLP_GELU_TANH = 1, MLP_SWIGLU = 2 };
