@@ -139,6 +139,22 @@ def test_a_reordered_cache_gets_a_fresh_step():
     torch.testing.assert_close(out, full[:, 7:8], rtol=1e-4, atol=1e-5)
 
 
+def test_moved_weights_get_a_fresh_step():
+    model = make("gpt2")
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(1)
+        model(ids[:, :5], cache=cache)
+        model(ids[:, 5:6], cache=cache)
+        first = cache.native[2]
+        for p in model.parameters():  # what place_in_huge_pages and .to(...) do: new storage, same values
+            p.data = p.data.clone()
+        out = model(ids[:, 6:7], cache=cache)
+    assert cache.native[2] is not first
+    torch.testing.assert_close(out, full[:, 6:7], rtol=1e-4, atol=1e-5)
+
+
 def test_a_cache_used_by_another_model_gets_its_own_step():
     a, b = make("gpt2", seed=0), make("gpt2", seed=1)
     cache = a.make_cache(1)

@@ -26,10 +26,12 @@ _NORM_KINDS = {LayerNorm: "layernorm", RMSNorm: "rmsnorm"}
 
 def native_step(model: nn.Module, cache: KVCache) -> kernels.DecoderStep | None:
     """The cache's native step for this model (built on first use), or None if it cannot run."""
+    # the key notices a new cache buffer (beam reorder) and moved weights (huge pages, .to(...))
+    key = (cache.k.data_ptr(), model.tok_emb.weight.data_ptr())
     entry = cache.native
-    if entry is None or entry[0] is not model or entry[1] != cache.k.data_ptr():
+    if entry is None or entry[0] is not model or entry[1] != key:
         step = _build(model, cache) if kernels.available() else None
-        entry = cache.native = (model, cache.k.data_ptr(), step)
+        entry = cache.native = (model, key, step)
     return entry[2]
 
 
