@@ -71,9 +71,9 @@ def load(name: str) -> ctypes.CDLL | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (install gcc, or set CC)")
         src = HERE / f"{name}.c"
-        # every source and header here: a library may #include another's source (decode.c does)
+        # the named source plus every source and header here: native.c #includes the others
         sources = b"".join(f.read_bytes() for f in sorted(HERE.glob("*.[ch]")))
-        key = hashlib.sha256(src.read_bytes() + sources + " ".join([compiler, *FLAGS]).encode()
+        key = hashlib.sha256(src.name.encode() + sources + " ".join([compiler, *FLAGS]).encode()
                              + _cpu_identity().encode())
         filename = f"{name}-{key.hexdigest()[:16]}.so"
         out = cache_dir() / filename

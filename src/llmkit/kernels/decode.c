@@ -36,6 +36,7 @@ typedef struct {
     float *scratch; /* llmkit_decode_scratch(...) floats */
 } llmkit_decoder;
 
+/* scratch layout, in floats: h [D], qkv, att [H * d], scores [H * max_len], f1 [F], f2 [F], y [D], x [D] */
 long llmkit_decode_scratch(const llmkit_decoder *m) {
     long qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim;
     return 3 * m->d_model + qkv + m->n_heads * m->head_dim + m->n_heads * m->max_len + 2 * m->d_ff;
