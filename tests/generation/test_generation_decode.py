@@ -76,3 +76,20 @@ def test_batch_rows_stop_independently_at_their_stop_token(llama_pair):
     rows = generate_batch(model, PROMPTS, greedy(12, stop_token_ids=[stop]))
     for row, ref in zip(rows, free):
         assert row == (ref[:ref.index(stop) + 1] if stop in ref else ref)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_n_new_tokens_cost_one_prefill_and_n_minus_1_steps(pair, batched):
+    """The logits after the last token are never needed: no forward pass computes them."""
+    _, model = pair
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    try:
+        if batched:
+            rows = generate_batch(model, PROMPTS[:2], greedy(7))
+            assert [len(r) for r in rows] == [7, 7]
+        else:
+            assert len(list(generate_tokens(model, PROMPTS[0], greedy(7)))) == 7
+    finally:
+        handle.remove()
+    assert len(calls) == 7 and calls[1:] == [1] * 6

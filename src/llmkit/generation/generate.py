@@ -137,12 +137,12 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
     history = History.start(prompt, model.cfg.vocab_size) if process.needs_history else None
     cache = model.make_cache(1, ctx)
     logits = prefill(model, prompt, cache)
-    for _ in range(cfg.max_new_tokens):
+    for n in range(cfg.max_new_tokens):
         with decode_threads(device):  # one-row sampling: no OpenMP region (see DECODE_THREADS)
             nxt = sampling.sample(process(logits.float(), history), 0.0 if cfg.greedy else 1.0, generator)
         token = int(nxt)
         yield token
-        if token in stop_ids:
+        if token in stop_ids or n + 1 == cfg.max_new_tokens:  # no forward pass for a token never drawn
             return
         ids.append(token)
         if history is not None:
@@ -234,13 +234,14 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
     logits = prefill(model, ids, cache, attention_mask=mask, position_ids=positions)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(min(cfg.max_new_tokens, total - width + 1)):
+    steps = min(cfg.max_new_tokens, total - width + 1)
+    for n in range(steps):
         logits = process(logits.float(), history)
         nxt = logits.argmax(-1) if cfg.greedy else sampling.sample_rows(logits, generators)
         nxt = nxt.masked_fill(done, pad_id)
         out = torch.cat([out, nxt[:, None]], 1)
         done |= torch.isin(nxt, stop)
-        if bool(done.all()) or cache.pos >= total:
+        if bool(done.all()) or cache.pos >= total or n + 1 == steps:
             break
         if history is not None:
             history.add(nxt)
