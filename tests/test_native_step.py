@@ -200,3 +200,21 @@ def test_generation_moves_weights_once_and_gives_the_same_tokens():
     assert list(generate_tokens(model, [5, 6, 7], cfg)) == reference
     if hugepages.supported():
         assert model.tok_emb.weight.data_ptr() % hugepages.PAGE == 0
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa", "gelu-exact-sinusoidal"])
+def test_activations_stay_exact_for_large_inputs(variant):
+    """The vectorised tanh-GELU / SiLU (exp with clamped range) against PyTorch where pre-activations
+    reach +-100 and beyond: no overflow to inf or NaN, same logits."""
+    model = make(variant)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.up.weight.mul_(300.0)
+            if hasattr(block.mlp, "gate"):
+                block.mlp.gate.weight.mul_(300.0)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        steps, cache = cached_logits(model, ids, prefill=4)
+    assert cache.native[2] is not None and torch.isfinite(steps).all()
+    torch.testing.assert_close(steps, full[:, 4:], rtol=1e-4, atol=1e-4)

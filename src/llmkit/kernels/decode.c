@@ -82,21 +82,64 @@ static void attend_heads(const job_t *job, long h0, long h1) {
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite), exp(r) by Cephes' expf
+ * polynomial, 2^n through the exponent bits; x clamped so that n stays in [-126, 127]. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* tanh-form GELU and SiLU-times-up of 8 floats; tanh u = 1 - 2 / (exp(2u) + 1) keeps both limits exact */
+static inline __m256 gelu_tanh8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f),
+                             _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), _mm256_mul_ps(x, x)), x, x));
+    __m256 th = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(exp8(_mm256_add_ps(u, u)), one)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, th));
+}
+
+static inline __m256 silu_mul8(__m256 g, __m256 up) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), up);
+}
+#endif
+
 static void activate(const job_t *job, long i0, long i1) {
     const step_t *t = job->ctx;
     float *h = t->h;
+    long i = i0;
     switch (t->m->mlp) {
-    case MLP_GELU:
-        for (long i = i0; i < i1; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
+    case MLP_GELU: /* libm's erff: the exact form, as PyTorch's default */
+        for (; i < i1; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
         break;
     case MLP_GELU_TANH:
-        for (long i = i0; i < i1; i++) {
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(h + i, gelu_tanh8(_mm256_loadu_ps(h + i)));
+#endif
+        for (; i < i1; i++) {
             float x = h[i];
             h[i] = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
         }
         break;
     default: /* SwiGLU: silu(gate) * up */
-        for (long i = i0; i < i1; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * t->up[i];
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; i + 8 <= i1; i += 8)
+            _mm256_storeu_ps(h + i, silu_mul8(_mm256_loadu_ps(h + i), _mm256_loadu_ps(t->up + i)));
+#endif
+        for (; i < i1; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * t->up[i];
     }
 }
 
