@@ -185,6 +185,13 @@ def test_huge_page_weights_keep_values_identity_ties_saving_and_training(tmp_pat
     assert model.blocks[0].mlp.down.weight.grad is not None
 
 
+def test_huge_pages_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("LLMKIT_HUGEPAGES", "0")
+    model = big_model()
+    ptr = model.tok_emb.weight.data_ptr()
+    assert hugepages.place_in_huge_pages(model) == 0 and model.tok_emb.weight.data_ptr() == ptr
+
+
 def test_small_models_stay_where_they_are():
     model = make("gpt2")
     ptr = model.tok_emb.weight.data_ptr()

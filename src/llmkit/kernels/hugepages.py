@@ -14,6 +14,7 @@ share a storage), and the mapping lives as long as any of them does.
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 
 import torch
@@ -25,7 +26,10 @@ MIN_BYTES = 8 << 20  # below this the weights sit in the caches anyway
 
 
 def supported() -> bool:
-    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+    """Linux with MADV_HUGEPAGE, and not switched off with LLMKIT_HUGEPAGES=0 (the copy leaves the
+    weights in anonymous memory, which a memory-mapped checkpoint's pages were not)."""
+    return (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+            and os.environ.get("LLMKIT_HUGEPAGES", "1") != "0")
 
 
 def _movable(p: torch.Tensor) -> bool:
