@@ -39,6 +39,13 @@ def _fp32_cpu(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
+def _pointer_table(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None] | None:
+    """The tensors detached for the C table, or None if any is not contiguous fp32 on CPU."""
+    if not all(_fp32_cpu(t) for t in tensors.values()):
+        return None
+    return {k: None if t is None else t.detach() for k, t in tensors.items()}
+
+
 def _hooked(model: nn.Module) -> bool:
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return True
@@ -63,7 +70,7 @@ def _build(model: nn.Module, cache: KVCache) -> kernels.DecoderStep | None:
         norms |= {_NORM_KINDS.get(type(block.norm1)), _NORM_KINDS.get(type(block.norm2))}
         eps |= {block.norm1.eps, block.norm2.eps}
         mlps.add(_MLP_KINDS[type(mlp)])
-        layer = {
+        layer = _pointer_table({
             "norm1_w": block.norm1.weight, "norm1_b": getattr(block.norm1, "bias", None),
             "qkv_w": attn.qkv.weight, "qkv_b": attn.qkv.bias, "proj_w": attn.proj.weight, "proj_b": attn.proj.bias,
             "norm2_w": block.norm2.weight, "norm2_b": getattr(block.norm2, "bias", None),
@@ -71,20 +78,20 @@ def _build(model: nn.Module, cache: KVCache) -> kernels.DecoderStep | None:
             "gate_w": getattr(getattr(mlp, "gate", None), "weight", None),
             "gate_b": getattr(getattr(mlp, "gate", None), "bias", None),
             "k_cache": cache.k[i, 0], "v_cache": cache.v[i, 0],
-        }
-        if not all(_fp32_cpu(t) for t in layer.values()):
+        })
+        if layer is None:
             return None
-        layers.append({k: None if v is None else v.detach() for k, v in layer.items()})
+        layers.append(layer)
     norms.add(_NORM_KINDS.get(type(model.norm)))
     eps.add(model.norm.eps)
     if (len(norms) != 1 or None in norms or len(mlps) != 1 or len(eps) != 1 or type(model.lm_head) is not Linear
             or (model.pos.rotary and cfg.head_dim % 2) or type(model.tok_emb) is not nn.Embedding):
         return None
-    top = {"tok_emb": model.tok_emb.weight, "norm_w": model.norm.weight, "norm_b": getattr(model.norm, "bias", None),
-           "head_w": model.lm_head.weight, "head_b": model.lm_head.bias}
-    if not all(_fp32_cpu(t) for t in top.values()) or top["tok_emb"].shape[1] != cfg.d_model:
+    top = _pointer_table({"tok_emb": model.tok_emb.weight, "norm_w": model.norm.weight,
+                          "norm_b": getattr(model.norm, "bias", None), "head_w": model.lm_head.weight,
+                          "head_b": model.lm_head.bias})
+    if top is None or top["tok_emb"].shape[1] != cfg.d_model:
         return None
     sizes = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                  d_ff=model.blocks[0].mlp.up.out_features, max_len=cache.max_len, window=cfg.sliding_window or 0)
-    return kernels.DecoderStep(sizes, norms.pop(), mlps.pop(), eps.pop(),
-                               {k: None if v is None else v.detach() for k, v in top.items()}, layers)
+    return kernels.DecoderStep(sizes, norms.pop(), mlps.pop(), eps.pop(), top, layers)
