@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11", "-fopenmp"]
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _why_not: dict[str, str] = {}
@@ -52,6 +52,9 @@ def _compile(src: Path, out: Path, compiler: str, flags: list[str] = FLAGS) -> N
     os.close(fd)
     try:
         proc = subprocess.run([compiler, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and "-fopenmp" in flags:  # a compiler without OpenMP: build single-threaded
+            flags = [f for f in flags if f != "-fopenmp"]
+            proc = subprocess.run([compiler, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
         os.replace(tmp, out)

@@ -13,6 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from llmkit import kernels
+from llmkit.kernels import train_attention
 from llmkit.config import ModelConfig
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
@@ -50,13 +51,24 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """x [B, T, C]. `mask` is a bool mask broadcastable to [B, H, T, S], or None for plain causal."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x)
+        # training on short causal sequences on CPU: the native kernel (y [B, T, H, d]), else SDPA below
+        native = (mask is None and cache is None and not self.return_weights and not (self.training and self.dropout)
+                  and train_attention.wanted(qkv, self.n_heads, self.n_kv_heads))
+        if native and rope is None:
+            return self.resid_dropout(self.proj(train_attention.causal_attention(qkv, self.n_heads, self.n_kv_heads)
+                                                .view(B, T, self.n_heads * self.head_dim)))
+        q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if native:  # the kernel reads one packed [B, T, (H + 2 KV) * d] tensor
+                packed = torch.cat([q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)], dim=2).view(B, T, -1)
+                y = train_attention.causal_attention(packed, self.n_heads, self.n_kv_heads)
+                return self.resid_dropout(self.proj(y.view(B, T, self.n_heads * self.head_dim)))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # a single new token attends to everything cached: no mask needed

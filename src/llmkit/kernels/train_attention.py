@@ -1,0 +1,121 @@
+"""Causal self-attention for training through the native kernel (attention.c), as an autograd
+Function: the forward keeps the softmax probabilities, the backward uses them.
+
+Why: for short sequences (nanoGPT-sized training on a CPU) PyTorch's flash attention spends most of
+its time on per-block calls rather than arithmetic; this kernel runs each (sequence, head) as one
+register-tiled problem (benchmarks/train_throughput.py). For long sequences keeping P would cost
+T^2 floats per head, so `causal_attention` declines and the caller uses SDPA.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from llmkit.kernels import build
+
+MAX_T = 256  # longest sequence taken: P is B * H * T^2 floats, and flash attention wins beyond
+MAX_P_BYTES = 64 << 20  # largest P kept per layer
+_P, _L = ctypes.c_void_p, ctypes.c_long
+_S3 = _L * 3
+
+
+class AttnTable(ctypes.Structure):
+    """llmkit_attn in attention.c: pointers, then (batch, time, head) strides in floats."""
+    _fields_ = [("q", _P), ("k", _P), ("v", _P), ("q_s", _S3), ("k_s", _S3), ("v_s", _S3),
+                ("y", _P), ("y_s", _S3), ("P", _P), ("dy", _P), ("dy_s", _S3),
+                ("dq", _P), ("dk", _P), ("dv", _P), ("dq_s", _S3), ("dk_s", _S3), ("dv_s", _S3),
+                ("B", _L), ("T", _L), ("H", _L), ("KV", _L), ("d", _L), ("Tp", _L), ("scale", ctypes.c_float)]
+
+
+_lib: list = []  # [forward, backward] once resolved, [] before, [None, None] if unavailable
+
+
+def _functions():
+    if not _lib:
+        lib = build.load("native")
+        fns = [None, None]
+        if lib is not None:
+            fns = [getattr(lib, "llmkit_attn_train_fwd"), getattr(lib, "llmkit_attn_train_bwd")]
+            for fn in fns:
+                fn.argtypes, fn.restype = [ctypes.POINTER(AttnTable)], _L
+            parallel = lib.llmkit_attn_parallel()
+            if not parallel and torch.get_num_threads() > 1:
+                fns = [None, None]  # built without OpenMP: one thread would lose to flash attention
+        _lib.extend(fns)
+    return _lib
+
+
+def reset() -> None:
+    _lib.clear()
+
+
+def _strides(t: torch.Tensor) -> _S3:
+    return _S3(t.stride(0), t.stride(1), t.stride(2))
+
+
+def _table(qkv: torch.Tensor, H: int, KV: int) -> tuple[AttnTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's table for q, k, v read in place from qkv [B, T, (H + 2 KV) * d]."""
+    B, T, width = qkv.shape
+    d = width // (H + 2 * KV)
+    q, k, v = qkv.view(B, T, H + 2 * KV, d).split([H, KV, KV], dim=2)
+    table = AttnTable(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), q_s=_strides(q), k_s=_strides(k),
+                      v_s=_strides(v), B=B, T=T, H=H, KV=KV, d=d, Tp=(T + 15) // 16 * 16, scale=d ** -0.5)
+    return table, q, k, v
+
+
+class _CausalAttention(torch.autograd.Function):
+    """y = attention(qkv); the backward writes dq, dk, dv straight into one [B, T, (H + 2 KV) * d]
+    gradient, the fused projection's layout, so nothing is concatenated."""
+
+    @staticmethod
+    def forward(ctx, qkv, H, KV):
+        table, q, _, _ = _table(qkv, H, KV)
+        B, T, _, d = q.shape
+        y = torch.empty(B, T, H, d)
+        probs = torch.empty(B, H, T, table.Tp)
+        table.y, table.y_s, table.P = y.data_ptr(), _strides(y), probs.data_ptr()
+        _functions()[0](ctypes.byref(table))
+        ctx.save_for_backward(qkv, probs)
+        ctx.heads = H, KV
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, probs = ctx.saved_tensors
+        H, KV = ctx.heads
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        table, q, _, _ = _table(qkv, H, KV)
+        grad = torch.empty(qkv.shape)
+        _, dq, dk, dv = _table(grad, H, KV)
+        table.P, table.dy, table.dy_s = probs.data_ptr(), dy.data_ptr(), _strides(dy)
+        table.dq, table.dk, table.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+        table.dq_s, table.dk_s, table.dv_s = _strides(dq), _strides(dk), _strides(dv)
+        _functions()[1](ctypes.byref(table))
+        return grad, None, None
+
+
+def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
+    """Whether `causal_attention` takes a fused projection output like `qkv` [B, T, (H + 2 KV) * d]:
+    a training-sized problem (autograd on, fp32 on CPU, 2 <= T <= MAX_T, d a multiple of 8, P within
+    MAX_P_BYTES), not under torch.compile, with the kernel built here."""
+    if not (torch.is_grad_enabled() and qkv.requires_grad) or qkv.dim() != 3 or torch.compiler.is_compiling():
+        return False
+    B, T, width = qkv.shape
+    if n_kv_heads <= 0 or n_heads % n_kv_heads or width % (n_heads + 2 * n_kv_heads):
+        return False
+    d = width // (n_heads + 2 * n_kv_heads)
+    if (not 2 <= T <= MAX_T or d % 8 or qkv.dtype is not torch.float32 or not qkv.is_cpu
+            or B * n_heads * T * ((T + 15) // 16 * 16) * 4 > MAX_P_BYTES):
+        return False
+    return _functions()[0] is not None
+
+
+def causal_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v as y [B, T, H, d] (contiguous), differentiable, for
+    a problem `wanted` accepts. qkv [B, T, (H + 2 KV) * d]: queries, then keys, then values (the
+    fused projection's output), H a multiple of KV; its last dim need not be contiguous."""
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    return _CausalAttention.apply(qkv, n_heads, n_kv_heads)
