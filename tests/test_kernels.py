@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from llmkit import kernels
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
-from llmkit.kernels import build
+from llmkit.kernels import build, train_attention
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.linear import Linear
 
@@ -205,5 +205,16 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
             steps = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(5, 20)], 1)
         assert cache.native[2] is not None
         torch.testing.assert_close(steps, full[:, 5:], rtol=1e-4, atol=1e-5)
+        # the training attention's scalar branch, forward and backward, against SDPA
+        qkv = torch.randn(2, 21, 3 * 2 * 16, generator=g, requires_grad=True)
+        assert train_attention.wanted(qkv, 2, 2)
+        y = train_attention.causal_attention(qkv, 2, 2)
+        q, k, v = qkv.view(2, 21, 6, 16).split(2, dim=2)
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True).transpose(1, 2)
+        dy = torch.randn(y.shape, generator=g)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(y, qkv, dy)[0], torch.autograd.grad(ref, qkv, dy)[0],
+                                   rtol=1e-5, atol=2e-5)
     finally:
         kernels.reset()

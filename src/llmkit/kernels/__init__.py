@@ -53,7 +53,10 @@ def _resolve(symbol: str):
 
 def reset() -> None:
     """Forget loaded kernels and build results (tests switch LLMKIT_NATIVE)."""
+    from llmkit.kernels import train_attention
+
     _fns.clear()
+    train_attention.reset()
     build.reset()
 
 
@@ -64,7 +67,7 @@ def available() -> bool:
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention; {num_threads()} threads; cache {build.cache_dir()})"
+        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention; {num_threads()} threads; cache {build.cache_dir()})"
     reason = build.why_not("native")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
