@@ -14,7 +14,7 @@ import torch
 
 from llmkit.kernels import build
 
-MAX_T = 256  # longest sequence taken: P is B * H * T^2 floats, and flash attention wins beyond
+MAX_T = 512  # longest sequence taken: P is B * H * T^2 floats; at 1024 flash attention wins (L2 no longer holds a head)
 MAX_P_BYTES = 64 << 20  # largest P kept per layer
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _S3 = _L * 3
