@@ -1,4 +1,4 @@
-"""Small helpers shared across layers: atomic writes, seeding."""
+"""Small helpers shared across layers: atomic writes, seeding, when hand-written autograd may run."""
 from __future__ import annotations
 
 import os
@@ -33,3 +33,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def eager_autograd() -> bool:
+    """Whether a hand-written autograd.Function may stand in for a chain of PyTorch ops: autograd is
+    on, and neither torch.compile nor a torch.func transform (vmap, grad: per-sample gradients) is
+    tracing, since those must see every op."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # an older torch: no transforms to be inside of
+        return True
+    return peek_interpreter_stack() is None

@@ -13,6 +13,7 @@ import ctypes
 import torch
 
 from llmkit.kernels import build
+from llmkit.utils import eager_autograd
 
 MAX_T = 512  # longest sequence taken: P is B * H * T^2 floats; at 1024 flash attention wins (L2 no longer holds a head)
 MAX_P_BYTES = 64 << 20  # largest P kept per layer
@@ -81,6 +82,7 @@ class _CausalAttention(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         qkv, probs = ctx.saved_tensors
         H, KV = ctx.heads
@@ -98,9 +100,10 @@ class _CausalAttention(torch.autograd.Function):
 
 def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
     """Whether `causal_attention` takes a fused projection output like `qkv` [B, T, (H + 2 KV) * d]:
-    a training-sized problem (autograd on, fp32 on CPU, 2 <= T <= MAX_T, d a multiple of 8, P within
-    MAX_P_BYTES), not under torch.compile, with the kernel built here."""
-    if not (torch.is_grad_enabled() and qkv.requires_grad) or qkv.dim() != 3 or torch.compiler.is_compiling():
+    a training-sized problem (autograd on, not under torch.compile or a torch.func transform, no
+    autocast, fp32 on CPU, 2 <= T <= MAX_T, d a multiple of 8, P within MAX_P_BYTES), with the
+    kernel built here."""
+    if not (qkv.requires_grad and eager_autograd()) or qkv.dim() != 3 or torch.is_autocast_enabled("cpu"):
         return False
     B, T, width = qkv.shape
     if n_kv_heads <= 0 or n_heads % n_kv_heads or width % (n_heads + 2 * n_kv_heads):

@@ -1,0 +1,81 @@
+"""The GELU MLP's hand-written backward (nn/mlp.py): the same gradients as autograd through the
+modules, and the modules run as themselves wherever something must see them (adapters, hooks,
+autocast, torch.func transforms)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.nn import mlp
+from llmkit.nn.linear import Linear
+
+
+def run(module: mlp.GeluMLP, x: torch.Tensor):
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin())
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def reference(module: mlp.GeluMLP, x: torch.Tensor):
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module.down(torch.nn.functional.gelu(module.up(x), approximate=module.approximate))
+    y.backward(torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin())
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("cls", [mlp.GeluMLP, mlp.GeluTanhMLP])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_equal_autograd(cls, bias, monkeypatch):
+    torch.manual_seed(0)
+    module = cls(24, 80, bias)
+    x = torch.randn(3, 7, 24)
+    calls = []
+    real = mlp._GeluMLPFunction.apply
+    monkeypatch.setattr(mlp._GeluMLPFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    got, want = run(module, x), reference(module, x)
+    assert calls == [1]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class Adapter(Linear):
+    """Stands for a LoRA or quantized replacement: its own forward must run."""
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_modules_run_where_something_must_see_them(monkeypatch):
+    calls = []
+    real = mlp._GeluMLPFunction.apply
+    monkeypatch.setattr(mlp._GeluMLPFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    module = mlp.GeluMLP(16, 32, True)
+    module.up = Adapter(16, 32)
+    y = module(x)
+    torch.testing.assert_close(y, module.down(torch.nn.functional.gelu(module.up(x))))
+
+    module = mlp.GeluMLP(16, 32, True)
+    seen = []
+    module.down.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    module(x).sum().backward()
+    assert seen == [(2, 5, 16)]
+
+    module = mlp.GeluMLP(16, 32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x).float().sum().backward()  # autocast's casts need the modules
+
+    grads = torch.func.grad(lambda inp: module(inp).sum())(x.detach())  # per-sample-gradient style
+    assert grads.shape == x.shape
+    assert calls == []
+    with torch.no_grad():
+        module(x)
+    assert calls == []
+    module(x).sum().backward()
+    assert calls == [1]
