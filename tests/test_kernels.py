@@ -216,5 +216,12 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.autograd.grad(y, qkv, dy)[0], torch.autograd.grad(ref, qkv, dy)[0],
                                    rtol=1e-5, atol=2e-5)
+        # GELU with its derivative (scalar libm branch), both forms
+        for approximate in ("none", "tanh"):
+            h = torch.linspace(-9, 9, 1001).requires_grad_()
+            ref = F.gelu(h, approximate=approximate)
+            out = h.detach().clone()
+            torch.testing.assert_close(kernels.gelu_with_grad(out, approximate), ref.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=1e-6)
     finally:
         kernels.reset()

@@ -32,6 +32,7 @@ _SIGNATURES = {
     "llmkit_decode_attention": ("native", [_P] * 5 + [_L] * 5 + [ctypes.c_float], None),
     "llmkit_decode_token": ("native", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
     "llmkit_decode_scratch": ("native", [_P], _L),
+    "llmkit_gelu_with_grad": ("native", [_P, _P, _L, ctypes.c_int], None),
 }
 _fns: dict[str, Any] = {}  # symbol -> ctypes function, or None where its library did not build
 _threads: int | None = None  # threads for native kernels; None = torch.get_num_threads()
@@ -67,7 +68,7 @@ def available() -> bool:
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention; {num_threads()} threads; cache {build.cache_dir()})"
+        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention and GELU; {num_threads()} threads; cache {build.cache_dir()})"
     reason = build.why_not("native")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
@@ -137,6 +138,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     y = torch.empty(*x.shape)
     fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), x.numel() // d, d)
+    return y
+
+
+def gelu_with_grad(x: torch.Tensor, approximate: str) -> torch.Tensor | None:
+    """GELU of x for training: returns gelu(x) and overwrites x with gelu'(x), in one pass that
+    shares the transcendental work (gelu.c); or None (x untouched) where it does not apply:
+    contiguous fp32 on CPU, not under torch.compile. `approximate`: "none" or "tanh"."""
+    fn = _fns["llmkit_gelu_with_grad"] if "llmkit_gelu_with_grad" in _fns else _resolve("llmkit_gelu_with_grad")
+    if (fn is None or x.dtype is not _F32 or not x.is_cpu or not x.is_contiguous() or approximate not in ("none", "tanh")
+            or torch.compiler.is_compiling()):
+        return None
+    y = torch.empty_like(x)
+    fn(x.data_ptr(), y.data_ptr(), x.numel(), approximate == "tanh")
     return y
 
 

@@ -7,6 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.modules import module as module_globals
 
+from llmkit import kernels
 from llmkit.nn.linear import Linear
 from llmkit.utils import eager_autograd
 
@@ -14,18 +15,22 @@ from llmkit.utils import eager_autograd
 class _GeluMLPFunction(torch.autograd.Function):
     """down(GELU(up(x))) with a hand-written backward.
 
-    Why: autograd's version writes the GELU gradient into a fresh activation-sized buffer ([tokens,
-    d_ff], 1.5 MB per layer at nanoGPT's CPU shape) that first has to be faulted in; here it is
-    computed in place over the down projection's input gradient, which nothing else holds.
-    Measured ~2-3% of a training step (benchmarks/train_throughput.py). Same operations otherwise,
-    so gradients are bit-identical to autograd's.
+    Why: autograd recomputes erf and exp in the backward (gelu_backward) and writes the result into
+    a fresh activation-sized buffer ([tokens, d_ff], 1.5 MB per layer at nanoGPT's CPU shape) that
+    first has to be faulted in. Here the native kernel (kernels/gelu.c) writes gelu'(h) over h in
+    the forward's own pass, so the backward is one in-place multiply over the down projection's
+    input gradient, which nothing else holds. Without the kernel, PyTorch's gelu_backward runs in
+    place there instead (then gradients are bit-identical to autograd's).
     """
 
     @staticmethod
     def forward(ctx, x, w_up, b_up, w_down, b_down, approximate):
         rows = x.reshape(-1, x.shape[-1])
         h = F.linear(rows, w_up, b_up)
-        a = F.gelu(h, approximate=approximate)
+        a = kernels.gelu_with_grad(h, approximate)  # native: h now holds gelu'(h)
+        ctx.derivative = a is not None
+        if a is None:
+            a = F.gelu(h, approximate=approximate)
         ctx.save_for_backward(rows, h, a, w_up, w_down)
         ctx.approximate, ctx.biases = approximate, (b_up is not None, b_down is not None)
         return F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
@@ -38,7 +43,10 @@ class _GeluMLPFunction(torch.autograd.Function):
         da = g @ w_down
         d_w_down = g.t() @ a
         d_b_down = g.sum(0) if ctx.biases[1] else None
-        torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
+        if ctx.derivative:
+            da.mul_(h)
+        else:
+            torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
         d_w_up = da.t() @ rows
         d_b_up = da.sum(0) if ctx.biases[0] else None
         dx = (da @ w_up).view(*grad.shape[:-1], w_up.shape[1]) if ctx.needs_input_grad[0] else None
