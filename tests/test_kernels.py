@@ -222,6 +222,6 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
             ref = F.gelu(h, approximate=approximate)
             out = h.detach().clone()
             torch.testing.assert_close(kernels.gelu_with_grad(out, approximate), ref.detach(), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=3e-6)
     finally:
         kernels.reset()
