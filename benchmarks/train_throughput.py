@@ -2,10 +2,12 @@
 on the same config (vocab 65, 4 layers, 4 heads, width 128, context 64, batch 12, fp32, AdamW).
 
 Both sides run the same step: forward, cross-entropy, backward, clip the gradient norm to 1,
-AdamW step. llmkit uses its own optimizer builder (fused AdamW, decay groups); transformers uses
-`torch.optim.AdamW(model.parameters())` as its users do. Sides alternate A B A B; medians reported.
+AdamW step. llmkit uses its own optimizer builder (fused AdamW, decay groups) and, where a C
+compiler is present, its native training attention and GELU (kernels/attention.c, gelu.c);
+transformers uses `torch.optim.AdamW(model.parameters())` as its users do. All sides run in one
+process, so they share one allocator and thread pool. Sides alternate A B C A B C; medians reported.
 
-    python benchmarks/train_throughput.py [--rounds 6] [--steps 30]
+    python benchmarks/train_throughput.py [--rounds 10] [--steps 30]
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def tokens_per_second(step, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
