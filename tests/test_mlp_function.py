@@ -104,3 +104,14 @@ def test_modules_run_where_something_must_see_them(monkeypatch):
     assert calls == []
     module(x).sum().backward()
     assert calls == [1]
+
+
+def test_frozen_weights_get_no_gradient():
+    """Partial fine-tuning: a frozen projection's weight stays without a gradient, the rest flows."""
+    torch.manual_seed(0)
+    module = mlp.GeluMLP(16, 32, True)
+    module.up.requires_grad_(False)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    module(x).sum().backward()
+    assert module.up.weight.grad is None and module.up.bias.grad is None
+    assert module.down.weight.grad is not None and x.grad is not None

@@ -35,14 +35,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+try:
+    from torch._C._functorch import peek_interpreter_stack as _functorch_stack
+except ImportError:  # an older torch: no transforms to be inside of
+    def _functorch_stack() -> None:
+        return None
+
+
 def eager_autograd() -> bool:
     """Whether a hand-written autograd.Function may stand in for a chain of PyTorch ops: autograd is
     on, and neither torch.compile nor a torch.func transform (vmap, grad: per-sample gradients) is
     tracing, since those must see every op."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # an older torch: no transforms to be inside of
-        return True
-    return peek_interpreter_stack() is None
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _functorch_stack() is None

@@ -32,7 +32,7 @@ class _GeluMLPFunction(torch.autograd.Function):
         if a is None:
             a = F.gelu(h, approximate=approximate)
         ctx.save_for_backward(rows, h, a, w_up, w_down)
-        ctx.approximate, ctx.biases = approximate, (b_up is not None, b_down is not None)
+        ctx.approximate = approximate
         return F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
 
     @staticmethod
@@ -40,16 +40,17 @@ class _GeluMLPFunction(torch.autograd.Function):
     def backward(ctx, grad):
         rows, h, a, w_up, w_down = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
+        need = ctx.needs_input_grad  # frozen weights (partial fine-tuning) get no gradient computed
         da = g @ w_down
-        d_w_down = g.t() @ a
-        d_b_down = g.sum(0) if ctx.biases[1] else None
+        d_w_down = g.t() @ a if need[3] else None
+        d_b_down = g.sum(0) if need[4] else None
         if ctx.derivative:
             da.mul_(h)
         else:
             torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
-        d_w_up = da.t() @ rows
-        d_b_up = da.sum(0) if ctx.biases[0] else None
-        dx = (da @ w_up).view(*grad.shape[:-1], w_up.shape[1]) if ctx.needs_input_grad[0] else None
+        d_w_up = da.t() @ rows if need[1] else None
+        d_b_up = da.sum(0) if need[2] else None
+        dx = (da @ w_up).view(*grad.shape[:-1], w_up.shape[1]) if need[0] else None
         return dx, d_w_up, d_b_up, d_w_down, d_b_down, None
 
 
