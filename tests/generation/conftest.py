@@ -10,7 +10,8 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.interop import from_transformers
 
-VOCAB, CTX, EOS = 64, 64, 7
+from generation_constants import CTX, EOS, VOCAB
+
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EOS
+from generation_constants import EOS
 from llmkit.generation.beam import beam_search
 from llmkit.generation.generate import GenerationConfig, generate_tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EOS
+from generation_constants import EOS
 from llmkit.generation.generate import GenerationConfig, generate_batch, generate_tokens
 
 PROMPTS = [[3, 9, 12, 40], [5], [11, 22, 33, 44, 55, 60, 1, 2, 8], [30, 31]]
