@@ -2,9 +2,10 @@
 on the same config (vocab 65, 4 layers, 4 heads, width 128, context 64, batch 12, fp32, AdamW).
 
 Both sides run the same step: forward, cross-entropy, backward, clip the gradient norm to 1,
-AdamW step. llmkit uses its own optimizer builder (fused AdamW, decay groups) and, where a C
-compiler is present, its native training attention and GELU (kernels/attention.c, gelu.c);
-transformers uses `torch.optim.AdamW(model.parameters())` as its users do. All sides run in one
+AdamW step. llmkit runs what `llmkit train` runs: its optimizer builder (AdamW, decay groups), its
+gradient clipping and, where a C compiler is present, its native training attention, GELU and
+optimizer step (kernels/attention.c, gelu.c, optimizer.c); transformers uses
+`torch.optim.AdamW(model.parameters())` and `torch.nn.utils.clip_grad_norm_` as its users do. All sides run in one
 process, so they share one allocator and thread pool. Sides alternate A B C A B C; medians reported.
 
     python benchmarks/train_throughput.py [--rounds 10] [--steps 30]
@@ -25,11 +26,11 @@ from _common import machine, median, table  # noqa: E402
 V, L, H, D, T, B = 65, 4, 4, 128, 64, 12
 
 
-def make_step(model, opt, loss_fn):
-    """The step every side runs: loss, backward, clip to 1.0, optimizer step."""
+def make_step(model, opt, loss_fn, clip=torch.nn.utils.clip_grad_norm_):
+    """The step every side runs: loss, backward, clip the gradient norm to 1.0, optimizer step."""
     def step(x, y):
         loss_fn(x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -38,12 +39,12 @@ def make_step(model, opt, loss_fn):
 def llmkit_side():
     from llmkit.config import ModelConfig
     from llmkit.models.decoder import DecoderLM
-    from llmkit.training.optim import build_optimizer
+    from llmkit.training.optim import build_optimizer, clip_grad_norm_
 
     model = DecoderLM(ModelConfig(vocab_size=V, context_length=T, n_layers=L, n_heads=H, d_model=D, mlp="gelu",
                                   norm="layernorm", position="learned", bias=True))
     opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99), "cpu")
-    return make_step(model, opt, lambda x, y: F.cross_entropy(model(x).view(-1, V), y.view(-1)))
+    return make_step(model, opt, lambda x, y: F.cross_entropy(model(x).view(-1, V), y.view(-1)), clip_grad_norm_)
 
 
 def transformers_side():

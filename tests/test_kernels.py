@@ -16,6 +16,7 @@ from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.kernels import build, train_attention
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.linear import Linear
+from llmkit.training.optim import AdamW, clip_grad_norm_
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -223,5 +224,18 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
             out = h.detach().clone()
             torch.testing.assert_close(kernels.gelu_with_grad(out, approximate), ref.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=3e-6)
+        # the optimizer step's scalar branch: clipping and AdamW against PyTorch's
+        ours = [torch.randn(s, generator=g).requires_grad_() for s in ((37,), (13, 5))]
+        ref = [p.detach().clone().requires_grad_() for p in ours]
+        opts = AdamW(ours, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            for p, q in zip(ours, ref):
+                p.grad = torch.randn(p.shape, generator=g) * 5
+                q.grad = p.grad.clone()
+            torch.testing.assert_close(clip_grad_norm_(ours, 1.0), torch.nn.utils.clip_grad_norm_(ref, 1.0))
+            assert opts[0]._native_step()
+            opts[1].step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     finally:
         kernels.reset()

@@ -33,6 +33,8 @@ _SIGNATURES = {
     "llmkit_decode_token": ("native", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
     "llmkit_decode_scratch": ("native", [_P], _L),
     "llmkit_gelu_with_grad": ("native", [_P, _P, _L, ctypes.c_int], None),
+    "llmkit_clip_grad_norm": ("native", [_L, _P, _P, ctypes.c_double], ctypes.c_double),
+    "llmkit_adamw": ("native", [_L] + [_P] * 6 + [ctypes.c_double] * 5, None),
 }
 _fns: dict[str, Any] = {}  # symbol -> ctypes function, or None where its library did not build
 _threads: int | None = None  # threads for native kernels; None = torch.get_num_threads()
@@ -68,7 +70,7 @@ def available() -> bool:
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention and GELU; {num_threads()} threads; cache {build.cache_dir()})"
+        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention, GELU and optimizer step; {num_threads()} threads; cache {build.cache_dir()})"
     reason = build.why_not("native")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
@@ -152,6 +154,54 @@ def gelu_with_grad(x: torch.Tensor, approximate: str) -> torch.Tensor | None:
     y = torch.empty_like(x)
     fn(x.data_ptr(), y.data_ptr(), x.numel(), approximate == "tanh")
     return y
+
+
+def _flat_f32(t: torch.Tensor) -> bool:
+    return t.dtype is _F32 and t.is_cpu and t.is_contiguous() and t.layout is torch.strided
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (_P * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _sizes(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (_L * len(tensors))(*[t.numel() for t in tensors])
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> float | None:
+    """The L2 norm of all `grads` together, scaling them in place by max_norm / (norm + 1e-6) where
+    that is below 1 (torch.nn.utils.clip_grad_norm_'s rule), in one call (optimizer.c); or None
+    (nothing touched) unless every gradient is a contiguous fp32 CPU tensor."""
+    fn = _fns["llmkit_clip_grad_norm"] if "llmkit_clip_grad_norm" in _fns else _resolve("llmkit_clip_grad_norm")
+    if fn is None or not grads or not all(_flat_f32(g) for g in grads) or torch.compiler.is_compiling():
+        return None
+    return fn(len(grads), _pointers(grads), _sizes(grads), max_norm)
+
+
+def adamw_ready(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor]) -> bool:
+    """Whether `adamw` takes these: the kernel is built, every tensor is contiguous fp32 on CPU,
+    gradient and moments have their parameter's size, each step is one float."""
+    fn = _fns["llmkit_adamw"] if "llmkit_adamw" in _fns else _resolve("llmkit_adamw")
+    if fn is None or torch.compiler.is_compiling():
+        return False
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        n = p.numel()
+        if not (_flat_f32(p) and _flat_f32(g) and _flat_f32(m) and _flat_f32(v) and _flat_f32(s)
+                and g.numel() == n and m.numel() == n and v.numel() == n and s.numel() == 1):
+            return False
+    return True
+
+
+def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+          exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float, beta1: float, beta2: float,
+          eps: float, weight_decay: float) -> None:
+    """One AdamW step over one parameter group in one call (optimizer.c), incrementing each step
+    count; only for tensors `adamw_ready` accepted (it reads raw pointers)."""
+    if params:
+        _fns["llmkit_adamw"](len(params), _pointers(params), _pointers(grads), _pointers(exp_avgs),
+                             _pointers(exp_avg_sqs), _pointers(steps), _sizes(params), lr, beta1, beta2, eps,
+                             weight_decay)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -8,3 +8,4 @@
 #include "decode.c"
 #include "attention.c"
 #include "gelu.c"
+#include "optimizer.c"

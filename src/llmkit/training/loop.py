@@ -24,7 +24,7 @@ from llmkit.training import distributed as D
 from llmkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from llmkit.training.config import TrainConfig
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
-from llmkit.training.optim import build_optimizer
+from llmkit.training.optim import build_optimizer, clip_grad_norm_
 from llmkit.training.schedules import warmup_cosine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
