@@ -224,6 +224,16 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
             out = h.detach().clone()
             torch.testing.assert_close(kernels.gelu_with_grad(out, approximate), ref.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=3e-6)
+        # the training norms' scalar branch (d = 37: no 8-float blocks), LayerNorm and RMSNorm
+        x, w, b, dy = (torch.randn(s, generator=g) for s in ((5, 37), (37,), (37,), (5, 37)))
+        for center in (True, False):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            ref = F.layer_norm(xr, (37,), wr, b, 1e-5) if center else F.rms_norm(xr, (37,), wr, 1e-5)
+            y, mean, rstd = kernels.norm_forward(x, w, b if center else None, 1e-5, center)
+            torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-5)
+            dx, dw, _ = kernels.norm_backward(x, w, mean, rstd, dy, (True, True, False))
+            for got, want in zip((dx, dw), torch.autograd.grad(ref, (xr, wr), dy)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # the optimizer step's scalar branch: clipping and AdamW against PyTorch's
         ours = [torch.randn(s, generator=g).requires_grad_() for s in ((37,), (13, 5))]
         ref = [p.detach().clone().requires_grad_() for p in ours]

@@ -112,6 +112,15 @@ def grads(model: DecoderLM, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def count_kernel_calls(monkeypatch) -> list[int]:
+    """Calls of the attention kernel's Functions: alone, or within the pre-norm sublayer."""
+    calls: list[int] = []
+    for fn in (train_attention._CausalAttention, train_attention._PrenormAttention):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, _real=real: calls.append(1) or _real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_gradients_equal_sdpa(variant, monkeypatch):
     """A training step's every parameter gradient is the same through the kernel as through SDPA."""
@@ -119,21 +128,17 @@ def test_model_gradients_equal_sdpa(variant, monkeypatch):
     cfg = ModelConfig(vocab_size=64, context_length=40, n_layers=2, d_model=64, n_heads=4, **VARIANTS[variant])
     model = DecoderLM(cfg)
     ids = torch.randint(0, 64, (3, 33))
-    calls = []
-    real = train_attention._CausalAttention.apply
-    monkeypatch.setattr(train_attention._CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = count_kernel_calls(monkeypatch)
     native = grads(model, ids)
     assert len(calls) == cfg.n_layers
-    monkeypatch.setattr(train_attention, "wanted", lambda *a: False)
+    monkeypatch.setattr(train_attention, "_fits", lambda *a: False)  # SDPA, as modules
     reference = grads(model, ids)
     for name in reference:
         torch.testing.assert_close(native[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_not_used_with_dropout_padding_or_window(monkeypatch):
-    calls = []
-    real = train_attention._CausalAttention.apply
-    monkeypatch.setattr(train_attention._CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = count_kernel_calls(monkeypatch)
     ids = torch.randint(0, 64, (2, 20))
     base = dict(vocab_size=64, context_length=32, n_layers=1, d_model=32, n_heads=2)
     DecoderLM(ModelConfig(**base, dropout=0.1)).train()(ids).sum().backward()

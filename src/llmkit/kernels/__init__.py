@@ -33,6 +33,8 @@ _SIGNATURES = {
     "llmkit_decode_token": ("native", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
     "llmkit_decode_scratch": ("native", [_P], _L),
     "llmkit_gelu_with_grad": ("native", [_P, _P, _L, ctypes.c_int], None),
+    "llmkit_norm_fwd": ("native", [_P] * 6 + [_L, _L, ctypes.c_float, ctypes.c_int], None),
+    "llmkit_norm_bwd": ("native", [_P] * 8 + [_L, _L, ctypes.c_int], _L),
     "llmkit_clip_grad_norm": ("native", [_L, _P, _P, ctypes.c_double], ctypes.c_double),
     "llmkit_adamw": ("native", [_L] + [_P] * 6 + [ctypes.c_double] * 5, None),
 }
@@ -154,6 +156,41 @@ def gelu_with_grad(x: torch.Tensor, approximate: str) -> torch.Tensor | None:
     y = torch.empty_like(x)
     fn(x.data_ptr(), y.data_ptr(), x.numel(), approximate == "tanh")
     return y
+
+
+def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                 center: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """LayerNorm (center) or RMSNorm of x's rows for training (norm.c): (y, mean, rstd), the
+    statistics kept for `norm_backward`; or None where it does not apply: x, weight and bias
+    contiguous fp32 on CPU with weight (and bias) of x's last size, not under torch.compile."""
+    fn = _fns["llmkit_norm_fwd"] if "llmkit_norm_fwd" in _fns else _resolve("llmkit_norm_fwd")
+    if fn is None or x.dim() == 0 or torch.compiler.is_compiling():
+        return None
+    d = x.shape[-1]
+    if (not _flat_f32(x) or not _flat_f32(weight) or weight.shape != (d,)
+            or (bias is not None and (not _flat_f32(bias) or bias.shape != (d,))) or x.numel() == 0):
+        return None
+    rows = x.numel() // d
+    y = torch.empty_like(x)
+    mean = torch.empty(rows) if center else None
+    rstd = torch.empty(rows)
+    fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), _ptr(mean), rstd.data_ptr(), rows, d, eps, center)
+    return y, mean, rstd
+
+
+def norm_backward(x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
+                  dy: torch.Tensor, need: tuple[bool, bool, bool]) -> tuple:
+    """(dx, dw, db) for `norm_forward`'s x, weight, statistics and the output gradient dy (made
+    contiguous here), each only where `need` asks (else None)."""
+    dy = dy.contiguous()
+    d = x.shape[-1]
+    dx = torch.empty_like(x) if need[0] else None
+    dw = torch.empty(d) if need[1] else None
+    db = torch.empty(d) if need[2] else None
+    if _resolve("llmkit_norm_bwd")(x.data_ptr(), weight.data_ptr(), _ptr(mean), rstd.data_ptr(), dy.data_ptr(), _ptr(dx),
+                                   _ptr(dw), _ptr(db), x.numel() // d, d, mean is not None) != 0:
+        raise MemoryError("the norm backward could not allocate its per-thread partial sums")
+    return dx, dw, db
 
 
 def _flat_f32(t: torch.Tensor) -> bool:

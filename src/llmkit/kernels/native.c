@@ -9,3 +9,4 @@
 #include "attention.c"
 #include "gelu.c"
 #include "optimizer.c"
+#include "norm.c"

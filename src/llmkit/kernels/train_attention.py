@@ -12,6 +12,7 @@ import ctypes
 
 import torch
 
+from llmkit import kernels
 from llmkit.kernels import build
 from llmkit.utils import eager_autograd
 
@@ -65,18 +66,36 @@ def _table(qkv: torch.Tensor, H: int, KV: int) -> tuple[AttnTable, torch.Tensor,
     return table, q, k, v
 
 
+def _forward(qkv: torch.Tensor, H: int, KV: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, T, H, d], P [B, H, T, Tp]) by the native forward."""
+    table, q, _, _ = _table(qkv, H, KV)
+    B, T, _, d = q.shape
+    y = torch.empty(B, T, H, d)
+    probs = torch.empty(B, H, T, table.Tp)
+    table.y, table.y_s, table.P = y.data_ptr(), _strides(y), probs.data_ptr()
+    _functions()[0](ctypes.byref(table))
+    return y, probs
+
+
+def _backward(qkv: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, H: int, KV: int) -> torch.Tensor:
+    """The gradient for qkv, packed as qkv is, from dy [B, T, H, d] (last dim contiguous)."""
+    table, _, _, _ = _table(qkv, H, KV)
+    grad = torch.empty(qkv.shape)
+    _, dq, dk, dv = _table(grad, H, KV)
+    table.P, table.dy, table.dy_s = probs.data_ptr(), dy.data_ptr(), _strides(dy)
+    table.dq, table.dk, table.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    table.dq_s, table.dk_s, table.dv_s = _strides(dq), _strides(dk), _strides(dv)
+    _functions()[1](ctypes.byref(table))
+    return grad
+
+
 class _CausalAttention(torch.autograd.Function):
     """y = attention(qkv); the backward writes dq, dk, dv straight into one [B, T, (H + 2 KV) * d]
     gradient, the fused projection's layout, so nothing is concatenated."""
 
     @staticmethod
     def forward(ctx, qkv, H, KV):
-        table, q, _, _ = _table(qkv, H, KV)
-        B, T, _, d = q.shape
-        y = torch.empty(B, T, H, d)
-        probs = torch.empty(B, H, T, table.Tp)
-        table.y, table.y_s, table.P = y.data_ptr(), _strides(y), probs.data_ptr()
-        _functions()[0](ctypes.byref(table))
+        y, probs = _forward(qkv, H, KV)
         ctx.save_for_backward(qkv, probs)
         ctx.heads = H, KV
         return y
@@ -85,17 +104,48 @@ class _CausalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         qkv, probs = ctx.saved_tensors
-        H, KV = ctx.heads
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        table, q, _, _ = _table(qkv, H, KV)
-        grad = torch.empty(qkv.shape)
-        _, dq, dk, dv = _table(grad, H, KV)
-        table.P, table.dy, table.dy_s = probs.data_ptr(), dy.data_ptr(), _strides(dy)
-        table.dq, table.dk, table.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
-        table.dq_s, table.dk_s, table.dv_s = _strides(dq), _strides(dk), _strides(dv)
-        _functions()[1](ctypes.byref(table))
-        return grad, None, None
+        return _backward(qkv, probs, dy, *ctx.heads), None, None
+
+
+class _PrenormAttention(torch.autograd.Function):
+    """proj(attention(qkv(norm(x)))) for a pre-norm block's attention sublayer in one Function:
+    the native norm (kernels/norm.c), both projections and the native attention, with the
+    backward by hand. Why: the same kernels as the separate modules, without the graph nodes,
+    views and separate norm pass between them (~0.1 ms a layer at nanoGPT's CPU shape)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV):
+        B, T, C = x.shape
+        xn = normed[0].view(B * T, C)
+        qkv = torch.addmm(b_qkv, xn, w_qkv.t()) if b_qkv is not None else xn @ w_qkv.t()
+        qkv = qkv.view(B, T, -1)
+        y, probs = _forward(qkv, H, KV)
+        y2 = y.view(B * T, -1)
+        out = torch.addmm(b_proj, y2, w_proj.t()) if b_proj is not None else y2 @ w_proj.t()
+        ctx.save_for_backward(x, norm_w, normed[1], normed[2], xn, qkv, probs, y2, w_qkv, w_proj)
+        ctx.heads = H, KV
+        return out.view(B, T, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, norm_w, mean, rstd, xn, qkv, probs, y2, w_qkv, w_proj = ctx.saved_tensors
+        H, KV = ctx.heads
+        need = ctx.needs_input_grad  # x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj
+        B, T, C = x.shape
+        g = grad.reshape(B * T, C)
+        d_w_proj = g.t() @ y2 if need[6] else None
+        d_b_proj = g.sum(0) if need[7] else None
+        dy = (g @ w_proj).view(B, T, H, -1)
+        dqkv = _backward(qkv, probs, dy, H, KV).view(B * T, -1)
+        d_w_qkv = dqkv.t() @ xn if need[4] else None
+        d_b_qkv = dqkv.sum(0) if need[5] else None
+        dx = d_norm_w = d_norm_b = None
+        if need[0] or need[1] or need[2]:
+            dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, dqkv @ w_qkv, need[:3])
+        return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None
 
 
 def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
@@ -105,14 +155,30 @@ def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
     kernel built here."""
     if not (qkv.requires_grad and eager_autograd()) or qkv.dim() != 3 or torch.is_autocast_enabled("cpu"):
         return False
-    B, T, width = qkv.shape
+    return _fits(*qkv.shape, n_heads, n_kv_heads) and qkv.dtype is torch.float32 and qkv.is_cpu
+
+
+def _fits(B: int, T: int, width: int, n_heads: int, n_kv_heads: int) -> bool:
+    """The kernel is built here and takes this shape (see `wanted`)."""
     if n_kv_heads <= 0 or n_heads % n_kv_heads or width % (n_heads + 2 * n_kv_heads):
         return False
     d = width // (n_heads + 2 * n_kv_heads)
-    if (not 2 <= T <= MAX_T or d % 8 or qkv.dtype is not torch.float32 or not qkv.is_cpu
-            or B * n_heads * T * ((T + 15) // 16 * 16) * 4 > MAX_P_BYTES):
+    if not 2 <= T <= MAX_T or d % 8 or B * n_heads * T * ((T + 15) // 16 * 16) * 4 > MAX_P_BYTES:
         return False
     return _functions()[0] is not None
+
+
+def prenorm_wanted(x: torch.Tensor, w_qkv: torch.Tensor, w_proj: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
+    """Whether `prenorm_attention` takes this sublayer: x [B, T, C] and both projection weights
+    fp32 on CPU, something requiring a gradient, and a shape `wanted` would take for its qkv."""
+    if x.dim() != 3 or not eager_autograd() or torch.is_autocast_enabled("cpu"):
+        return False
+    if not (x.requires_grad or w_qkv.requires_grad or w_proj.requires_grad):
+        return False
+    f32 = torch.float32
+    if x.dtype is not f32 or w_qkv.dtype is not f32 or w_proj.dtype is not f32 or not (x.is_cpu and w_qkv.is_cpu):
+        return False
+    return _fits(x.shape[0], x.shape[1], w_qkv.shape[0], n_heads, n_kv_heads)
 
 
 def causal_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
@@ -122,3 +188,12 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     return _CausalAttention.apply(qkv, n_heads, n_kv_heads)
+
+
+def prenorm_attention(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor | None, normed: tuple,
+                      w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, w_proj: torch.Tensor,
+                      b_proj: torch.Tensor | None, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """proj(causal_attention(qkv(norm(x)))) [B, T, C], differentiable in x, the norm's weight and
+    bias and both projections, for a sublayer `prenorm_wanted` accepts; `normed` is
+    kernels.norm_forward's (y, mean, rstd) for x under that norm (nn/fused.prenorm)."""
+    return _PrenormAttention.apply(x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, n_heads, n_kv_heads)

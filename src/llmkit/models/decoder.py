@@ -31,8 +31,16 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask, cache)
-        return x + self.mlp(self.norm2(x))
+        x = x + _sublayer(self.attn, self.norm1, x, rope, mask, cache)
+        return x + _sublayer(self.mlp, self.norm2, x)
+
+
+def _sublayer(module: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """module(norm(x), *args); in training, through the module's `normed` (the norm folded into its
+    native autograd Function) where it has one that applies."""
+    normed = getattr(module, "normed", None)
+    y = normed(norm, x, *args) if normed is not None else None
+    return module(norm(x), *args) if y is None else y
 
 
 class DecoderLM(nn.Module):

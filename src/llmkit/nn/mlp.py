@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.nn.modules import module as module_globals
 
 from llmkit import kernels
+from llmkit.nn.fused import plain_linears, prenorm, unhooked
 from llmkit.nn.linear import Linear
 from llmkit.utils import eager_autograd
 
@@ -24,21 +24,27 @@ class _GeluMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_up, b_up, w_down, b_down, approximate):
-        rows = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x, w_up, b_up, w_down, b_down, approximate, norm_w=None, norm_b=None, normed=None):
+        """`normed`: where the block's pre-norm is folded in (GeluMLP.normed), kernels.norm_forward's
+        (y, mean, rstd) for x, with the norm's weight and bias as norm_w, norm_b; x is then the
+        residual stream itself, and the norm's backward runs here too."""
+        x_rows = x.reshape(-1, x.shape[-1])
+        rows, mean, rstd = x_rows, None, None
+        if normed is not None:
+            rows, mean, rstd = normed[0].view(x_rows.shape), normed[1], normed[2]
         h = F.linear(rows, w_up, b_up)
         a = kernels.gelu_with_grad(h, approximate)  # native: h now holds gelu'(h)
         ctx.derivative = a is not None
         if a is None:
             a = F.gelu(h, approximate=approximate)
-        ctx.save_for_backward(rows, h, a, w_up, w_down)
+        ctx.save_for_backward(rows, h, a, w_up, w_down, *((x_rows, norm_w, mean, rstd) if normed else ()))
         ctx.approximate = approximate
         return F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, h, a, w_up, w_down = ctx.saved_tensors
+        rows, h, a, w_up, w_down, *norm = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         need = ctx.needs_input_grad  # frozen weights (partial fine-tuning) get no gradient computed
         da = g @ w_down
@@ -50,18 +56,13 @@ class _GeluMLPFunction(torch.autograd.Function):
             torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
         d_w_up = da.t() @ rows if need[1] else None
         d_b_up = da.sum(0) if need[2] else None
-        dx = (da @ w_up).view(*grad.shape[:-1], w_up.shape[1]) if need[0] else None
-        return dx, d_w_up, d_b_up, d_w_down, d_b_down, None
-
-
-def _plain_linears(*modules: nn.Module) -> bool:
-    """Exactly llmkit's Linear with no hooks: an adapter or quantized replacement, or a hook that
-    inspects or edits a projection, must run as the module it is (never silently bypassed)."""
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks \
-            or module_globals._global_backward_hooks:
-        return False
-    return all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                          or m._backward_pre_hooks) for m in modules)
+        dx = d_norm_w = d_norm_b = None
+        if not norm and need[0]:
+            dx = da @ w_up
+        elif norm and (need[0] or need[6] or need[7]):
+            dx, d_norm_w, d_norm_b = kernels.norm_backward(*norm, da @ w_up, (need[0], need[6], need[7]))
+        dx = None if dx is None else dx.view(*grad.shape[:-1], w_up.shape[1])
+        return dx, d_w_up, d_b_up, d_w_down, d_b_down, None, d_norm_w, d_norm_b, None
 
 
 class GeluMLP(nn.Module):
@@ -73,12 +74,29 @@ class GeluMLP(nn.Module):
         self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def _function_applies(self, x: torch.Tensor) -> bool:
+        return (eager_autograd() and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.up.weight.dtype
+                and plain_linears(self.up, self.down))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.up, self.down
-        if (eager_autograd() and not torch.is_autocast_enabled(x.device.type) and x.dtype == up.weight.dtype
-                and _plain_linears(up, down)):
+        if self._function_applies(x):
             return self.dropout(_GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate))
         return self.dropout(down(F.gelu(up(x), approximate=self.approximate)))
+
+    def normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """self(norm(x)) with the norm's native training kernel folded into this MLP's autograd
+        Function, or None where that does not apply (then the caller runs the two modules).
+
+        Why: a separate norm costs a graph node and PyTorch's layer_norm pair (~130 us in a
+        nanoGPT-sized step) where the native kernels take ~45 us; inside the Function they need no
+        node of their own. Only llmkit's own LayerNorm / RMSNorm without hooks qualify."""
+        folded = prenorm(norm, x) if self._function_applies(x) and unhooked(self) else None
+        if folded is None:
+            return None
+        up, down = self.up, self.down
+        return self.dropout(_GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate,
+                                                   *folded))
 
 
 class GeluTanhMLP(GeluMLP):

@@ -1,0 +1,147 @@
+"""The pre-norm folded into the training Functions (nn/fused.py, the attention's and the GELU MLP's
+`normed`) and the native norm kernels under them (kernels/norm.c): the same outputs and gradients
+as the separate modules, and the modules run as themselves wherever something must see them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit import kernels
+from llmkit.config import ModelConfig
+from llmkit.kernels import train_attention
+from llmkit.models import decoder
+from llmkit.models.decoder import DecoderLM
+from llmkit.nn import mlp
+from llmkit.nn.linear import Linear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built here")
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("shape", [(12, 64, 128), (3, 7, 37), (1, 1, 8), (4000, 24), (2, 3, 1)])
+def test_norm_kernels_equal_pytorch(center, shape):
+    g = torch.Generator().manual_seed(0)
+    d = shape[-1]
+    x = torch.randn(shape, generator=g) * 3 + 1
+    w = torch.randn(d, generator=g)
+    b = torch.randn(d, generator=g) if center else None
+    dy = torch.randn(shape, generator=g)
+    # the reference in float64 from the same float32 inputs
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if center else None
+    ref = F.layer_norm(x64, (d,), w64, b64, 1e-5) if center else F.rms_norm(x64, (d,), w64, 1e-5)
+    want = torch.autograd.grad(ref, [x64, w64] + ([b64] if center else []), dy.double())
+    y, mean, rstd = kernels.norm_forward(x, w, b, 1e-5, center)
+    torch.testing.assert_close(y, ref.detach().float(), rtol=1e-5, atol=1e-5)
+    dx, dw, db = kernels.norm_backward(x, w, mean, rstd, dy, (True, True, center))
+    torch.testing.assert_close(dx, want[0].float(), rtol=1e-4, atol=1e-5)
+    scale = want[1].abs().max().item() + 1  # sums over thousands of rows: compare relative to size
+    torch.testing.assert_close(dw, want[1].float(), rtol=1e-5, atol=1e-5 * scale)
+    if center:
+        torch.testing.assert_close(db, want[2].float(), rtol=1e-5, atol=1e-5 * scale)
+    # only what is asked for; the same numbers
+    only_dw = kernels.norm_backward(x, w, mean, rstd, dy, (False, True, False))
+    assert only_dw[0] is None and only_dw[2] is None and torch.equal(only_dw[1], dw)
+
+
+def test_norm_kernel_declines_what_it_cannot_read():
+    x, w = torch.randn(4, 16), torch.randn(16)
+    assert kernels.norm_forward(x.double(), w.double(), None, 1e-5, True) is None
+    assert kernels.norm_forward(x.t(), torch.randn(4), None, 1e-5, True) is None  # not contiguous
+    assert kernels.norm_forward(x, torch.randn(8), None, 1e-5, True) is None  # weight of another size
+
+
+CONFIGS = {
+    "gpt2": dict(norm="layernorm", position="learned", bias=True),
+    "rms-mqa-nobias": dict(norm="rmsnorm", position="learned", n_kv_heads=1, bias=False),
+    "sinusoidal-gqa": dict(norm="layernorm", position="sinusoidal", n_heads=4, n_kv_heads=2),
+}
+
+
+def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool, monkeypatch) -> tuple:
+    if not fused:
+        monkeypatch.setattr(decoder, "_sublayer", lambda module, norm, x, *args: module(norm(x), *args))
+    model.zero_grad(set_to_none=True)
+    logits = model(ids)
+    (logits.square().mean() + logits[:, -1].sum()).backward()
+    monkeypatch.undo()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def counting(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for name, fn in (("attention", train_attention._PrenormAttention), ("mlp", mlp._GeluMLPFunction)):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_folded_block_equals_separate_modules(name, monkeypatch):
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", **CONFIGS[name])
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
+    calls = counting(monkeypatch)
+    got = gradients(model, ids, True, monkeypatch)
+    assert calls.count("attention") == cfg.n_layers and calls.count("mlp") == cfg.n_layers
+    want = gradients(model, ids, False, monkeypatch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for param, grad in want[1].items():  # float rounding, relative to each gradient's size
+        torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
+
+
+def test_frozen_norm_and_projections_get_no_gradient(monkeypatch):
+    """Partial fine-tuning: frozen weights stay without gradient, the rest equal the modules'."""
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", norm="layernorm", position="learned", bias=True)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    for block in model.blocks:
+        for p in (block.norm1.weight, block.norm2.bias, block.attn.qkv.weight, block.mlp.down.bias):
+            p.requires_grad_(False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    calls = counting(monkeypatch)
+    got = gradients(model, ids, True, monkeypatch)
+    assert len(calls) == 2 * cfg.n_layers
+    want = gradients(model, ids, False, monkeypatch)
+    for param, grad in want[1].items():
+        if grad is None:
+            assert got[1][param] is None, param
+        else:
+            torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()),
+                                       msg=param)
+
+
+def test_modules_run_as_themselves_where_something_must_see_them(monkeypatch):
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", norm="layernorm", position="learned")
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    calls = counting(monkeypatch)
+    seen = []
+    handle = model.blocks[0].norm1.register_forward_hook(lambda *_: seen.append("norm1"))
+    model(ids).sum().backward()
+    handle.remove()
+    assert seen == ["norm1"] and calls.count("attention") == cfg.n_layers - 1  # block 0's ran as modules
+
+    calls.clear()
+    model.blocks[1].mlp.up = Linear(cfg.d_model, cfg.d_ff)  # a replacement must not be bypassed ...
+    model.blocks[1].mlp.up.__class__ = type("Adapter", (Linear,), {"forward": lambda self, x: Linear.forward(self, x) + 1})
+    model(ids).sum().backward()
+    assert calls.count("mlp") == cfg.n_layers - 1
+
+    calls.clear()
+    with torch.no_grad():  # ... and inference runs the modules
+        model(ids)
+    assert calls == []
+
+    rope = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="rope"))
+    calls.clear()
+    rope(ids).sum().backward()  # RoPE: the attention runs as modules, the MLP still folds
+    assert calls.count("attention") == 0 and calls.count("mlp") == rope.cfg.n_layers
+
+    dropout = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="learned", dropout=0.1)).train()
+    calls.clear()
+    dropout(ids).sum().backward()  # attention dropout in training: the attention runs as modules
+    assert calls.count("attention") == 0
