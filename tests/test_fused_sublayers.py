@@ -12,7 +12,7 @@ from llmkit.config import ModelConfig
 from llmkit.kernels import train_attention
 from llmkit.models import decoder
 from llmkit.models.decoder import DecoderLM
-from llmkit.nn import mlp
+from llmkit.nn import fused, mlp
 from llmkit.nn.linear import Linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built here")
@@ -61,7 +61,9 @@ CONFIGS = {
 
 def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool, monkeypatch) -> tuple:
     if not fused:
-        monkeypatch.setattr(decoder, "_sublayer", lambda module, norm, x, *args: module(norm(x), *args))
+        monkeypatch.setattr(decoder, "_residual", lambda module, norm, x, *args: x + module(norm(x), *args))
+        monkeypatch.setattr(decoder, "normed_linear", lambda *args: None)
+    torch.manual_seed(0)  # the same dropout draws
     model.zero_grad(set_to_none=True)
     logits = model(ids)
     (logits.square().mean() + logits[:, -1].sum()).backward()
@@ -71,7 +73,8 @@ def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool, monkeypatch) -> 
 
 def counting(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for name, fn in (("attention", train_attention._PrenormAttention), ("mlp", mlp._GeluMLPFunction)):
+    for name, fn in (("attention", train_attention._PrenormAttention), ("mlp", mlp._GeluMLPFunction),
+                     ("head", fused._PrenormLinear)):
         real = fn.apply
         monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
@@ -85,7 +88,7 @@ def test_folded_block_equals_separate_modules(name, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
     calls = counting(monkeypatch)
     got = gradients(model, ids, True, monkeypatch)
-    assert calls.count("attention") == cfg.n_layers and calls.count("mlp") == cfg.n_layers
+    assert calls.count("attention") == calls.count("mlp") == cfg.n_layers and calls.count("head") == 1
     want = gradients(model, ids, False, monkeypatch)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():  # float rounding, relative to each gradient's size
@@ -103,7 +106,7 @@ def test_frozen_norm_and_projections_get_no_gradient(monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     calls = counting(monkeypatch)
     got = gradients(model, ids, True, monkeypatch)
-    assert len(calls) == 2 * cfg.n_layers
+    assert len(calls) == 2 * cfg.n_layers + 1
     want = gradients(model, ids, False, monkeypatch)
     for param, grad in want[1].items():
         if grad is None:
@@ -145,3 +148,19 @@ def test_modules_run_as_themselves_where_something_must_see_them(monkeypatch):
     calls.clear()
     dropout(ids).sum().backward()  # attention dropout in training: the attention runs as modules
     assert calls.count("attention") == 0
+
+
+def test_dropout_in_training_gives_the_modules_result(monkeypatch):
+    """With dropout active the MLP's residual add runs after its dropout, outside the Function:
+    the same draws, the same numbers."""
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", position="learned", dropout=0.2)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    calls = counting(monkeypatch)
+    got = gradients(model, ids, True, monkeypatch)
+    assert calls.count("mlp") == cfg.n_layers
+    want = gradients(model, ids, False, monkeypatch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for param, grad in want[1].items():
+        torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)

@@ -56,35 +56,52 @@ def _strides(t: torch.Tensor) -> _S3:
     return _S3(t.stride(0), t.stride(1), t.stride(2))
 
 
-def _table(qkv: torch.Tensor, H: int, KV: int) -> tuple[AttnTable, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's table for q, k, v read in place from qkv [B, T, (H + 2 KV) * d]."""
-    B, T, width = qkv.shape
-    d = width // (H + 2 * KV)
-    q, k, v = qkv.view(B, T, H + 2 * KV, d).split([H, KV, KV], dim=2)
-    table = AttnTable(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), q_s=_strides(q), k_s=_strides(k),
-                      v_s=_strides(v), B=B, T=T, H=H, KV=KV, d=d, Tp=(T + 15) // 16 * 16, scale=d ** -0.5)
-    return table, q, k, v
+_templates: dict[tuple, AttnTable] = {}  # (shape, strides, H, KV) -> a table with every size and stride set
+
+
+def _template(qkv: torch.Tensor, H: int, KV: int) -> AttnTable:
+    """The table's sizes and strides for qkv [B, T, (H + 2 KV) * d] (last dim contiguous), the
+    forward's y [B, T, H, d] and the backward's contiguous packed gradient and dy; pointers unset.
+    Cached: building a ctypes structure field by field costs ~15 us, a copy ~1 us."""
+    key = (qkv.shape, qkv.stride(), H, KV)
+    table = _templates.get(key)
+    if table is None:
+        B, T, width = qkv.shape
+        d = width // (H + 2 * KV)
+        packed = _S3(qkv.stride(0), qkv.stride(1), d)
+        dense = _S3(T * width, width, d)  # the contiguous gradient
+        heads = _S3(T * H * d, H * d, d)  # y and dy
+        table = AttnTable(q_s=packed, k_s=packed, v_s=packed, y_s=heads, dy_s=heads, dq_s=dense, dk_s=dense,
+                          dv_s=dense, B=B, T=T, H=H, KV=KV, d=d, Tp=(T + 15) // 16 * 16, scale=d ** -0.5)
+        if len(_templates) > 64:
+            _templates.clear()
+        _templates[key] = table
+    return AttnTable.from_buffer_copy(table)
 
 
 def _forward(qkv: torch.Tensor, H: int, KV: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [B, T, H, d], P [B, H, T, Tp]) by the native forward."""
-    table, q, _, _ = _table(qkv, H, KV)
-    B, T, _, d = q.shape
+    """(y [B, T, H, d], P [B, H, T, Tp]) by the native forward; qkv's last dim contiguous."""
+    table = _template(qkv, H, KV)
+    B, T, d = table.B, table.T, table.d
     y = torch.empty(B, T, H, d)
     probs = torch.empty(B, H, T, table.Tp)
-    table.y, table.y_s, table.P = y.data_ptr(), _strides(y), probs.data_ptr()
+    base, step = qkv.data_ptr(), d * 4
+    table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
+    table.y, table.P = y.data_ptr(), probs.data_ptr()
     _functions()[0](ctypes.byref(table))
     return y, probs
 
 
 def _backward(qkv: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, H: int, KV: int) -> torch.Tensor:
-    """The gradient for qkv, packed as qkv is, from dy [B, T, H, d] (last dim contiguous)."""
-    table, _, _, _ = _table(qkv, H, KV)
+    """The gradient for qkv, packed as qkv is but contiguous, from dy [B, T, H, d] (made contiguous)."""
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
+    table = _template(qkv, H, KV)
     grad = torch.empty(qkv.shape)
-    _, dq, dk, dv = _table(grad, H, KV)
-    table.P, table.dy, table.dy_s = probs.data_ptr(), dy.data_ptr(), _strides(dy)
-    table.dq, table.dk, table.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
-    table.dq_s, table.dk_s, table.dv_s = _strides(dq), _strides(dk), _strides(dv)
+    base, gbase, step = qkv.data_ptr(), grad.data_ptr(), table.d * 4
+    table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
+    table.dq, table.dk, table.dv = gbase, gbase + H * step, gbase + (H + KV) * step
+    table.P, table.dy = probs.data_ptr(), dy.data_ptr()
     _functions()[1](ctypes.byref(table))
     return grad
 
@@ -104,8 +121,6 @@ class _CausalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         qkv, probs = ctx.saved_tensors
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
         return _backward(qkv, probs, dy, *ctx.heads), None, None
 
 
@@ -116,7 +131,7 @@ class _PrenormAttention(torch.autograd.Function):
     views and separate norm pass between them (~0.1 ms a layer at nanoGPT's CPU shape)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV):
+    def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV, residual):
         B, T, C = x.shape
         xn = normed[0].view(B * T, C)
         qkv = torch.addmm(b_qkv, xn, w_qkv.t()) if b_qkv is not None else xn @ w_qkv.t()
@@ -125,8 +140,9 @@ class _PrenormAttention(torch.autograd.Function):
         y2 = y.view(B * T, -1)
         out = torch.addmm(b_proj, y2, w_proj.t()) if b_proj is not None else y2 @ w_proj.t()
         ctx.save_for_backward(x, norm_w, normed[1], normed[2], xn, qkv, probs, y2, w_qkv, w_proj)
-        ctx.heads = H, KV
-        return out.view(B, T, -1)
+        ctx.heads, ctx.residual = (H, KV), residual
+        out = out.view(B, T, -1)
+        return out.add_(x) if residual else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -145,7 +161,9 @@ class _PrenormAttention(torch.autograd.Function):
         dx = d_norm_w = d_norm_b = None
         if need[0] or need[1] or need[2]:
             dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, dqkv @ w_qkv, need[:3])
-        return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None
+        if ctx.residual and dx is not None:
+            dx.add_(grad)
+        return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None, None
 
 
 def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
@@ -192,8 +210,9 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.
 
 def prenorm_attention(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor | None, normed: tuple,
                       w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, w_proj: torch.Tensor,
-                      b_proj: torch.Tensor | None, n_heads: int, n_kv_heads: int) -> torch.Tensor:
-    """proj(causal_attention(qkv(norm(x)))) [B, T, C], differentiable in x, the norm's weight and
-    bias and both projections, for a sublayer `prenorm_wanted` accepts; `normed` is
-    kernels.norm_forward's (y, mean, rstd) for x under that norm (nn/fused.prenorm)."""
-    return _PrenormAttention.apply(x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, n_heads, n_kv_heads)
+                      b_proj: torch.Tensor | None, n_heads: int, n_kv_heads: int, residual: bool) -> torch.Tensor:
+    """proj(causal_attention(qkv(norm(x)))) [B, T, C] (plus x where `residual`), differentiable in
+    x, the norm's weight and bias and both projections, for a sublayer `prenorm_wanted` accepts;
+    `normed` is kernels.norm_forward's (y, mean, rstd) for x under that norm (nn/fused.prenorm)."""
+    return _PrenormAttention.apply(x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, n_heads, n_kv_heads,
+                                   residual)

@@ -11,6 +11,7 @@ from torch import nn
 from llmkit import kernels
 from llmkit.config import ModelConfig
 from llmkit.nn.attention import Attention
+from llmkit.nn.fused import normed_linear
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.masks import causal_mask, combine, padding_mask
@@ -31,16 +32,16 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + _sublayer(self.attn, self.norm1, x, rope, mask, cache)
-        return x + _sublayer(self.mlp, self.norm2, x)
+        x = _residual(self.attn, self.norm1, x, rope, mask, cache)
+        return _residual(self.mlp, self.norm2, x)
 
 
-def _sublayer(module: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-    """module(norm(x), *args); in training, through the module's `normed` (the norm folded into its
-    native autograd Function) where it has one that applies."""
-    normed = getattr(module, "normed", None)
-    y = normed(norm, x, *args) if normed is not None else None
-    return module(norm(x), *args) if y is None else y
+def _residual(module: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """x + module(norm(x), *args); in training, through the module's `residual` (the norm and the
+    add folded into its native autograd Function) where it has one that applies."""
+    fused = getattr(module, "residual", None)
+    y = fused(norm, x, *args) if fused is not None else None
+    return x + module(norm(x), *args) if y is None else y
 
 
 class DecoderLM(nn.Module):
@@ -113,7 +114,8 @@ class DecoderLM(nn.Module):
             cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))
+        logits = normed_linear(self.norm, self.lm_head, x)  # training: one Function with the native norm
+        return self.lm_head(self.norm(x)) if logits is None else logits
 
     def _mask(self, T: int, offset: int, attention_mask: torch.Tensor | None,
               device: torch.device) -> torch.Tensor | None:

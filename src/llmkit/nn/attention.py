@@ -48,12 +48,13 @@ class Attention(nn.Module):
         self.return_weights = False  # set by interpretability tools: then the eager path runs
         self.last_weights: torch.Tensor | None = None
 
-    def normed(self, norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor | None:
-        """self(norm(x)) as one autograd Function for training (the native norm, both projections
-        and the native attention; kernels/train_attention.py), or None where it does not apply:
-        then the caller runs the modules. Plain causal self-attention without RoPE only, with
-        llmkit's own modules and no hooks."""
+    def residual(self, norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor | None:
+        """x + self(norm(x)), the pre-norm block's residual sublayer, as one autograd Function for
+        training (the native norm, both projections, the native attention and the add, unless
+        dropout is active; kernels/train_attention.py), or None where it does not apply: then the
+        caller runs the modules. Plain causal self-attention without RoPE only, with llmkit's own
+        modules and no hooks."""
         if (rope is not None or mask is not None or cache is not None or self.return_weights
                 or (self.training and self.dropout) or not plain_linears(self.qkv, self.proj) or not unhooked(self)
                 or not train_attention.prenorm_wanted(x, self.qkv.weight, self.proj.weight, self.n_heads,
@@ -62,9 +63,10 @@ class Attention(nn.Module):
         folded = prenorm(norm, x)
         if folded is None:
             return None
-        return self.resid_dropout(train_attention.prenorm_attention(
-            x, *folded, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.n_heads,
-            self.n_kv_heads))
+        add = not (self.training and self.resid_dropout.p)
+        out = train_attention.prenorm_attention(x, *folded, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                                self.proj.bias, self.n_heads, self.n_kv_heads, add)
+        return out if add else x + self.resid_dropout(out)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

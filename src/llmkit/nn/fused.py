@@ -10,6 +10,7 @@ from torch.nn.modules import module as module_globals
 from llmkit import kernels
 from llmkit.nn.linear import Linear
 from llmkit.nn.norms import LayerNorm, RMSNorm
+from llmkit.utils import eager_autograd
 
 NATIVE_NORMS = {LayerNorm: True, RMSNorm: False}  # norm module -> whether it centres (LayerNorm)
 
@@ -39,3 +40,39 @@ def prenorm(norm: nn.Module, x: torch.Tensor) -> tuple | None:
     bias = norm.bias if center else None
     stats = kernels.norm_forward(x, norm.weight, bias, norm.eps, center)
     return None if stats is None else (norm.weight, bias, stats)
+
+
+class _PrenormLinear(torch.autograd.Function):
+    """linear(norm(x)) with the native norm and the backward by hand (the final norm and LM head)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, normed, weight, bias):
+        rows = normed[0].view(-1, x.shape[-1])
+        out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
+        ctx.save_for_backward(x, norm_w, normed[1], normed[2], rows, weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, norm_w, mean, rstd, rows, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad  # x, norm_w, norm_b, normed, weight, bias
+        g = grad.reshape(-1, grad.shape[-1])
+        d_weight = g.t() @ rows if need[4] else None
+        d_bias = g.sum(0) if need[5] else None
+        dx = d_norm_w = d_norm_b = None
+        if need[0] or need[1] or need[2]:
+            dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, g @ weight, need[:3])
+        return dx, d_norm_w, d_norm_b, None, d_weight, d_bias
+
+
+def normed_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """linear(norm(x)) as one autograd Function for training (a decoder's final norm and LM head),
+    or None where it does not apply (then the caller runs the modules): autograd recording
+    outside autocast, llmkit's own modules without hooks, fp32 on CPU."""
+    w = linear.weight
+    if (not eager_autograd() or torch.is_autocast_enabled("cpu") or not plain_linears(linear)
+            or not (x.requires_grad or w.requires_grad) or w.dtype is not torch.float32 or not w.is_cpu):
+        return None
+    folded = prenorm(norm, x)
+    return None if folded is None else _PrenormLinear.apply(x, *folded, w, linear.bias)

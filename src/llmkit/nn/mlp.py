@@ -24,10 +24,11 @@ class _GeluMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_up, b_up, w_down, b_down, approximate, norm_w=None, norm_b=None, normed=None):
-        """`normed`: where the block's pre-norm is folded in (GeluMLP.normed), kernels.norm_forward's
+    def forward(ctx, x, w_up, b_up, w_down, b_down, approximate, norm_w=None, norm_b=None, normed=None,
+                residual=False):
+        """`normed`: where the block's pre-norm is folded in (GeluMLP.residual), kernels.norm_forward's
         (y, mean, rstd) for x, with the norm's weight and bias as norm_w, norm_b; x is then the
-        residual stream itself, and the norm's backward runs here too."""
+        residual stream itself, and the norm's backward runs here too. `residual`: return x + MLP."""
         x_rows = x.reshape(-1, x.shape[-1])
         rows, mean, rstd = x_rows, None, None
         if normed is not None:
@@ -38,8 +39,9 @@ class _GeluMLPFunction(torch.autograd.Function):
         if a is None:
             a = F.gelu(h, approximate=approximate)
         ctx.save_for_backward(rows, h, a, w_up, w_down, *((x_rows, norm_w, mean, rstd) if normed else ()))
-        ctx.approximate = approximate
-        return F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
+        ctx.approximate, ctx.residual = approximate, residual
+        out = F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
+        return out.add_(x) if residual else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -62,7 +64,9 @@ class _GeluMLPFunction(torch.autograd.Function):
         elif norm and (need[0] or need[6] or need[7]):
             dx, d_norm_w, d_norm_b = kernels.norm_backward(*norm, da @ w_up, (need[0], need[6], need[7]))
         dx = None if dx is None else dx.view(*grad.shape[:-1], w_up.shape[1])
-        return dx, d_w_up, d_b_up, d_w_down, d_b_down, None, d_norm_w, d_norm_b, None
+        if ctx.residual and dx is not None:
+            dx.add_(grad)
+        return dx, d_w_up, d_b_up, d_w_down, d_b_down, None, d_norm_w, d_norm_b, None, None
 
 
 class GeluMLP(nn.Module):
@@ -84,19 +88,21 @@ class GeluMLP(nn.Module):
             return self.dropout(_GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate))
         return self.dropout(down(F.gelu(up(x), approximate=self.approximate)))
 
-    def normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """self(norm(x)) with the norm's native training kernel folded into this MLP's autograd
-        Function, or None where that does not apply (then the caller runs the two modules).
+    def residual(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """x + self(norm(x)), the pre-norm block's residual sublayer, with the norm's native
+        training kernel (and the residual add, unless dropout is active) folded into this MLP's
+        autograd Function; or None where that does not apply (then the caller runs the modules).
 
         Why: a separate norm costs a graph node and PyTorch's layer_norm pair (~130 us in a
-        nanoGPT-sized step) where the native kernels take ~45 us; inside the Function they need no
-        node of their own. Only llmkit's own LayerNorm / RMSNorm without hooks qualify."""
+        nanoGPT-sized step) where the native kernels take ~45 us; inside the Function neither they
+        nor the add need a node of their own. Only llmkit's own LayerNorm / RMSNorm without hooks."""
         folded = prenorm(norm, x) if self._function_applies(x) and unhooked(self) else None
         if folded is None:
             return None
         up, down = self.up, self.down
-        return self.dropout(_GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate,
-                                                   *folded))
+        add = not (self.training and self.dropout.p)
+        out = _GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate, *folded, add)
+        return out if add else x + self.dropout(out)
 
 
 class GeluTanhMLP(GeluMLP):
