@@ -164,3 +164,84 @@ def test_dropout_in_training_gives_the_modules_result(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():
         torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
+
+
+def test_outputs_can_be_edited_in_place():
+    """Logits and block outputs are fresh tensors as the modules' are, not views: temperature
+    scaling in place, or a hook steering a block's output, work in training."""
+    model = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="learned"))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    model.blocks[0].register_forward_hook(lambda module, args, out: out.mul_(1.5))
+    logits = model(ids)
+    logits.div_(2.0).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_float64_default_dtype_gives_the_same_numbers(monkeypatch):
+    """Kernel buffers are fp32 on the CPU whatever the default dtype."""
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", position="rope", norm="rmsnorm")
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    want = gradients(model, ids, True, monkeypatch)
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = gradients(model, ids, True, monkeypatch)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(got[0], want[0])
+    for param, grad in want[1].items():
+        torch.testing.assert_close(got[1][param], grad, msg=param)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_overridden_patched_or_wrapped_modules_run_their_forward(monkeypatch):
+    """A subclass's forward, a forward set on the instance, a wrapper module, and a global hook
+    each mean the modules run as themselves."""
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", position="learned")
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    calls = counting(monkeypatch)
+
+    class Zeroed(mlp.GeluMLP):
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+    folded = []
+    real_residual = mlp.GeluMLP.residual
+    monkeypatch.setattr(mlp.GeluMLP, "residual", lambda *a: folded.append(a[0]) or real_residual(*a))
+    model = DecoderLM(cfg)
+    model.blocks[0].mlp.__class__ = Zeroed
+    ran = []
+    model.blocks[1].mlp.forward = lambda x, _m=model.blocks[1].mlp: ran.append(1) or mlp.GeluMLP.forward(_m, x)
+    out = model(ids)
+    out.sum().backward()
+    assert ran == [1] and calls.count("mlp") == cfg.n_layers  # each through its own forward, unfolded
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids))  # the subclass's zeroing took effect in training too
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            ran.append("wrapper")
+            return self.inner(*args)
+
+    model = DecoderLM(cfg)
+    model.blocks[0].attn = Wrapper(model.blocks[0].attn)
+    ran.clear()
+    calls.clear()
+    model(ids).sum().backward()
+    assert ran == ["wrapper"] and calls.count("attention") == cfg.n_layers - 1
+
+    from torch.nn.modules.module import register_module_full_backward_pre_hook
+    seen = []
+    handle = register_module_full_backward_pre_hook(lambda module, grad: seen.append(type(module).__name__))
+    try:
+        calls.clear()
+        DecoderLM(cfg)(ids).sum().backward()
+    finally:
+        handle.remove()
+    assert calls == [] and "RMSNorm" in seen and "GeluMLP" in seen

@@ -92,6 +92,11 @@ def threads(n: int) -> Iterator[None]:
         _threads = before
 
 
+def _empty(*shape: int) -> torch.Tensor:
+    """A buffer a kernel writes fp32 into: on the CPU in fp32 whatever the default dtype or device."""
+    return torch.empty(*shape, dtype=_F32, device="cpu")
+
+
 def _ok(x: torch.Tensor) -> bool:
     """fp32, CPU, contiguous, no autograd, not being traced by torch.compile."""
     return (x.dtype is _F32 and x.is_cpu and x.is_contiguous() and not torch.is_grad_enabled()
@@ -109,7 +114,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or (bias is not None and (bias.dtype is not _F32 or not bias.is_cpu or not bias.is_contiguous()
                                       or bias.shape != (n,)))):
         return None
-    y = torch.empty(*x.shape[:-1], n)
+    y = _empty(*x.shape[:-1], n)
     with _call_lock:
         fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
            x.numel() // k, n, k, _threads or torch.get_num_threads())
@@ -140,7 +145,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
             or cos.dtype is not _F32 or sin.dtype is not _F32 or not cos.is_cpu or not sin.is_cpu
             or not cos.is_contiguous() or not sin.is_contiguous()):
         return None
-    y = torch.empty(*x.shape)
+    y = _empty(*x.shape)
     fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), x.numel() // d, d)
     return y
 
@@ -172,8 +177,8 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return None
     rows = x.numel() // d
     y = torch.empty_like(x)
-    mean = torch.empty(rows) if center else None
-    rstd = torch.empty(rows)
+    mean = _empty(rows) if center else None
+    rstd = _empty(rows)
     fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), _ptr(mean), rstd.data_ptr(), rows, d, eps, center)
     return y, mean, rstd
 
@@ -185,8 +190,8 @@ def norm_backward(x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor | No
     dy = dy.contiguous()
     d = x.shape[-1]
     dx = torch.empty_like(x) if need[0] else None
-    dw = torch.empty(d) if need[1] else None
-    db = torch.empty(d) if need[2] else None
+    dw = _empty(d) if need[1] else None
+    db = _empty(d) if need[2] else None
     if _resolve("llmkit_norm_bwd")(x.data_ptr(), weight.data_ptr(), _ptr(mean), rstd.data_ptr(), dy.data_ptr(), _ptr(dx),
                                    _ptr(dw), _ptr(db), x.numel() // d, d, mean is not None) != 0:
         raise MemoryError("the norm backward could not allocate its per-thread partial sums")
@@ -254,8 +259,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             or k.dtype is not _F32 or v.dtype is not _F32 or not k.is_cpu or not v.is_cpu
             or k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != d):
         return None
-    out = torch.empty(1, 1, H * d)
-    scores = torch.empty(S)
+    out = _empty(1, 1, H * d)
+    scores = _empty(S)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, KV, S, d, k.stride(1),
        d ** -0.5)
     return out
@@ -308,7 +313,7 @@ class DecoderStep:
         self.table = DecoderTable(n_layers=len(layers), norm=NORMS[norm], mlp=MLPS[mlp], vocab=self.vocab, eps=eps,
                                   layers=self._layers, **{f: _ptr(model.get(f)) for f in MODEL_FIELDS},
                                   **{f: sizes[f] for f in SIZE_FIELDS})
-        self._scratch = torch.empty(_resolve("llmkit_decode_scratch")(ctypes.byref(self.table)))
+        self._scratch = _empty(_resolve("llmkit_decode_scratch")(ctypes.byref(self.table)))
         self.table.scratch = self._scratch.data_ptr()
         self._ref = ctypes.byref(self.table)
 
@@ -317,7 +322,7 @@ class DecoderStep:
         """Logits [1, 1, vocab] for `token` at position `pos` (its key and value enter the cache).
         pos_row: the additive position embedding of `pos`; cos, sin: its rotary angles; each
         d_model / head_dim contiguous fp32 floats, or None."""
-        logits = torch.empty(1, 1, self.vocab)
+        logits = _empty(1, 1, self.vocab)
         with _call_lock:
             err = self._fn(self._ref, token, pos, _ptr(pos_row), _ptr(cos), _ptr(sin), logits.data_ptr(),
                            _threads or torch.get_num_threads())

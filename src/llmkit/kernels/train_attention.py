@@ -14,6 +14,7 @@ import torch
 
 from llmkit import kernels
 from llmkit.kernels import build
+from llmkit.nn.linear import linear_into
 from llmkit.utils import eager_autograd
 
 MAX_T = 512  # longest sequence taken: P is B * H * T^2 floats; at 1024 flash attention wins (L2 no longer holds a head)
@@ -83,8 +84,8 @@ def _forward(qkv: torch.Tensor, H: int, KV: int) -> tuple[torch.Tensor, torch.Te
     """(y [B, T, H, d], P [B, H, T, Tp]) by the native forward; qkv's last dim contiguous."""
     table = _template(qkv, H, KV)
     B, T, d = table.B, table.T, table.d
-    y = torch.empty(B, T, H, d)
-    probs = torch.empty(B, H, T, table.Tp)
+    y = torch.empty(B, T, H, d, dtype=torch.float32, device="cpu")
+    probs = torch.empty(B, H, T, table.Tp, dtype=torch.float32, device="cpu")
     base, step = qkv.data_ptr(), d * 4
     table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
     table.y, table.P = y.data_ptr(), probs.data_ptr()
@@ -97,7 +98,7 @@ def _backward(qkv: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, H: int, 
     if not dy.is_contiguous():
         dy = dy.contiguous()
     table = _template(qkv, H, KV)
-    grad = torch.empty(qkv.shape)
+    grad = torch.empty(qkv.shape, dtype=torch.float32, device="cpu")
     base, gbase, step = qkv.data_ptr(), grad.data_ptr(), table.d * 4
     table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
     table.dq, table.dk, table.dv = gbase, gbase + H * step, gbase + (H + KV) * step
@@ -138,10 +139,9 @@ class _PrenormAttention(torch.autograd.Function):
         qkv = qkv.view(B, T, -1)
         y, probs = _forward(qkv, H, KV)
         y2 = y.view(B * T, -1)
-        out = torch.addmm(b_proj, y2, w_proj.t()) if b_proj is not None else y2 @ w_proj.t()
+        out = linear_into(y2, w_proj, b_proj, (B, T))
         ctx.save_for_backward(x, norm_w, normed[1], normed[2], xn, qkv, probs, y2, w_qkv, w_proj)
         ctx.heads, ctx.residual = (H, KV), residual
-        out = out.view(B, T, -1)
         return out.add_(x) if residual else out
 
     @staticmethod

@@ -39,8 +39,8 @@ class Block(nn.Module):
 def _residual(module: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
     """x + module(norm(x), *args); in training, through the module's `residual` (the norm and the
     add folded into its native autograd Function) where it has one that applies."""
-    fused = getattr(module, "residual", None)
-    y = fused(norm, x, *args) if fused is not None else None
+    fused = getattr(type(module), "residual", None)  # the class's: a wrapper forwarding attributes has none
+    y = fused(module, norm, x, *args) if fused is not None else None
     return x + module(norm(x), *args) if y is None else y
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from llmkit import kernels
 from llmkit.kernels import train_attention
 from llmkit.config import ModelConfig
-from llmkit.nn.fused import plain_linears, prenorm, unhooked
+from llmkit.nn.fused import own_forward, plain_linears, prenorm, unhooked
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.positions import apply_rotary
@@ -56,7 +56,8 @@ class Attention(nn.Module):
         caller runs the modules. Plain causal self-attention without RoPE only, with llmkit's own
         modules and no hooks."""
         if (rope is not None or mask is not None or cache is not None or self.return_weights
-                or (self.training and self.dropout) or not plain_linears(self.qkv, self.proj) or not unhooked(self)
+                or (self.training and self.dropout) or not plain_linears(self.qkv, self.proj)
+                or not own_forward(self, Attention) or not unhooked(self, self.resid_dropout)
                 or not train_attention.prenorm_wanted(x, self.qkv.weight, self.proj.weight, self.n_heads,
                                                       self.n_kv_heads)):
             return None

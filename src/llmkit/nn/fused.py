@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from llmkit import kernels
-from llmkit.nn.linear import Linear
+from llmkit.nn.linear import Linear, linear_into
 from llmkit.nn.norms import LayerNorm, RMSNorm
 from llmkit.utils import eager_autograd
 
@@ -16,12 +16,17 @@ NATIVE_NORMS = {LayerNorm: True, RMSNorm: False}  # norm module -> whether it ce
 
 
 def unhooked(*modules: nn.Module) -> bool:
-    """No module or global hook that would have to see these modules run."""
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks \
-            or module_globals._global_backward_hooks:
+    """Nothing that would have to see these modules run: no module or global hook, and no forward
+    set on the instance (an ablation's patch)."""
+    if module_globals._has_any_global_hook():
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in modules)
+                   or "forward" in vars(m) for m in modules)
+
+
+def own_forward(module: nn.Module, cls: type) -> bool:
+    """module runs `cls`'s forward: not a subclass that overrides it, not patched on the instance."""
+    return type(module).forward is cls.forward and "forward" not in vars(module)
 
 
 def plain_linears(*modules: nn.Module) -> bool:
@@ -48,9 +53,9 @@ class _PrenormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, normed, weight, bias):
         rows = normed[0].view(-1, x.shape[-1])
-        out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
+        out = linear_into(rows, weight, bias, x.shape[:-1])
         ctx.save_for_backward(x, norm_w, normed[1], normed[2], rows, weight)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -17,3 +17,16 @@ class Linear(nn.Linear):
             if y is not None:
                 return y
         return F.linear(x, self.weight, self.bias)
+
+
+def linear_into(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lead: tuple) -> torch.Tensor:
+    """rows @ weight^T (+ bias) as a fresh [*lead, out] tensor, not a view: a Function's output
+    that is a view of its own result cannot be edited in place afterwards (logits.div_, a hook
+    steering a block's output), which the modules' outputs can."""
+    out = torch.empty(*lead, weight.shape[0], dtype=rows.dtype, device=rows.device)
+    flat = out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=flat)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=flat)
+    return out

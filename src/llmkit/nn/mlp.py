@@ -7,8 +7,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from llmkit import kernels
-from llmkit.nn.fused import plain_linears, prenorm, unhooked
-from llmkit.nn.linear import Linear
+from llmkit.nn.fused import own_forward, plain_linears, prenorm, unhooked
+from llmkit.nn.linear import Linear, linear_into
 from llmkit.utils import eager_autograd
 
 
@@ -40,7 +40,7 @@ class _GeluMLPFunction(torch.autograd.Function):
             a = F.gelu(h, approximate=approximate)
         ctx.save_for_backward(rows, h, a, w_up, w_down, *((x_rows, norm_w, mean, rstd) if normed else ()))
         ctx.approximate, ctx.residual = approximate, residual
-        out = F.linear(a, w_down, b_down).view(*x.shape[:-1], w_down.shape[0])
+        out = linear_into(a, w_down, b_down, x.shape[:-1])
         return out.add_(x) if residual else out
 
     @staticmethod
@@ -96,7 +96,8 @@ class GeluMLP(nn.Module):
         Why: a separate norm costs a graph node and PyTorch's layer_norm pair (~130 us in a
         nanoGPT-sized step) where the native kernels take ~45 us; inside the Function neither they
         nor the add need a node of their own. Only llmkit's own LayerNorm / RMSNorm without hooks."""
-        folded = prenorm(norm, x) if self._function_applies(x) and unhooked(self) else None
+        applies = self._function_applies(x) and own_forward(self, GeluMLP) and unhooked(self, self.dropout)
+        folded = prenorm(norm, x) if applies else None
         if folded is None:
             return None
         up, down = self.up, self.down

@@ -52,6 +52,9 @@ class AdamW(torch.optim.AdamW):
         return loss
 
     def _native_step(self) -> bool:
+        """One native call per group; False (nothing touched) where any group or tensor needs
+        PyTorch's step, including a parameter's first step, so that its state is created by
+        PyTorch's own rule (device, dtype of `step`) and the native step only ever reads it."""
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return False
         work = []
@@ -60,25 +63,20 @@ class AdamW(torch.optim.AdamW):
                     or isinstance(group["lr"], torch.Tensor)):
                 return False
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    return False
-            work.append((group, params))
-        for group, params in work:  # every group qualifies: create state as torch.optim.AdamW does
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lists = [[[self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq", "step")] for _, params in work]
-        for (group, params), (m, v, steps) in zip(work, lists):  # all groups checked before any moves
-            if not kernels.adamw_ready(params, [p.grad for p in params], m, v, steps):
+            states = [self.state.get(p) for p in params]
+            if not all(states) or any(p.grad.is_sparse for p in params):
                 return False
-        for (group, params), (m, v, steps) in zip(work, lists):
+            moments = [[state[k] for state in states] for k in ("exp_avg", "exp_avg_sq", "step")]
+            grads = [p.grad for p in params]
+            if not kernels.adamw_ready(params, grads, *moments):
+                return False
+            work.append((group, params, grads, moments))
+        for group, params, grads, (m, v, steps) in work:  # every group qualifies
             beta1, beta2 = group["betas"]
-            kernels.adamw(params, [p.grad for p in params], m, v, steps, group["lr"], beta1, beta2, group["eps"],
-                          group["weight_decay"])
+            kernels.adamw(params, grads, m, v, steps, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            # written through raw pointers: tell autograd, so a graph that saved a parameter and is
+            # used after this step raises as it does after PyTorch's in-place update
+            torch.autograd.graph.increment_version(params + m + v + steps)
         return True
 
 
@@ -98,6 +96,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     norm = kernels.clip_grad_norm(grads, max_norm)
     if norm is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not max_norm / (norm + 1e-6) >= 1.0:  # scaled in place through raw pointers
+        torch.autograd.graph.increment_version(grads)
     return torch.tensor(norm, dtype=torch.float32)
 
 
