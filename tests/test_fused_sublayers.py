@@ -56,6 +56,9 @@ CONFIGS = {
     "gpt2": dict(norm="layernorm", position="learned", bias=True),
     "rms-mqa-nobias": dict(norm="rmsnorm", position="learned", n_kv_heads=1, bias=False),
     "sinusoidal-gqa": dict(norm="layernorm", position="sinusoidal", n_heads=4, n_kv_heads=2),
+    "rope-gqa": dict(norm="rmsnorm", position="rope", n_heads=4, n_kv_heads=2),
+    "rope-scaled-mha-bias": dict(norm="layernorm", position="rope", bias=True, qkv_bias=True,
+                                 rope_scaling={"type": "linear", "factor": 2.0}),
 }
 
 
@@ -139,10 +142,10 @@ def test_modules_run_as_themselves_where_something_must_see_them(monkeypatch):
         model(ids)
     assert calls == []
 
-    rope = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="rope"))
+    swiglu = DecoderLM(ModelConfig.from_preset("tiny", mlp="swiglu", position="rope"))
     calls.clear()
-    rope(ids).sum().backward()  # RoPE: the attention runs as modules, the MLP still folds
-    assert calls.count("attention") == 0 and calls.count("mlp") == rope.cfg.n_layers
+    swiglu(ids).sum().backward()  # SwiGLU has no Function: it runs as modules, the attention folds
+    assert calls.count("attention") == swiglu.cfg.n_layers and calls.count("mlp") == 0
 
     dropout = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="learned", dropout=0.1)).train()
     calls.clear()
@@ -245,3 +248,29 @@ def test_overridden_patched_or_wrapped_modules_run_their_forward(monkeypatch):
     finally:
         handle.remove()
     assert calls == [] and "RMSNorm" in seen and "GeluMLP" in seen
+
+
+def test_rope_with_per_sequence_positions_equals_modules(monkeypatch):
+    """Left-padded batches pass their own position ids: cos and sin differ per sequence."""
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", position="rope")
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 21))
+    positions = torch.arange(21)[None] + torch.tensor([[0], [5], [17]])
+    calls = counting(monkeypatch)
+
+    def run(fused: bool):
+        if not fused:
+            monkeypatch.setattr(decoder, "_residual", lambda module, norm, x, *args: x + module(norm(x), *args))
+        model.zero_grad(set_to_none=True)
+        out = model(ids, position_ids=positions)
+        out.square().mean().backward()
+        monkeypatch.undo()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    got = run(True)
+    assert calls.count("attention") == cfg.n_layers
+    want = run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for param, grad in want[1].items():
+        torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)

@@ -125,6 +125,27 @@ class _CausalAttention(torch.autograd.Function):
         return _backward(qkv, probs, dy, *ctx.heads), None, None
 
 
+def _queries_and_keys(qkv: torch.Tensor, H: int, KV: int) -> torch.Tensor:
+    """The query and key heads of a packed qkv [B, T, (H + 2 KV) * d] as one view [B, T, H + KV, d]."""
+    B, T, width = qkv.shape
+    d = width // (H + 2 * KV)
+    return qkv.view(B, T, H + 2 * KV, d)[:, :, :H + KV]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [B, T, heads, d] with cos, sin [B or 1, 1, T, d] (positions.apply_rotary's layout):
+    x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)."""
+    half = x.shape[-1] // 2
+    return x * cos.transpose(1, 2) + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin.transpose(1, 2)
+
+
+def _rotate_back(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient through `_rotate`: g cos + rotate_half^T(g sin), rotate_half^T(z) = (z2, -z1)."""
+    gs = g * sin.transpose(1, 2)
+    half = g.shape[-1] // 2
+    return g * cos.transpose(1, 2) + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1)
+
+
 class _PrenormAttention(torch.autograd.Function):
     """proj(attention(qkv(norm(x)))) for a pre-norm block's attention sublayer in one Function:
     the native norm (kernels/norm.c), both projections and the native attention, with the
@@ -132,16 +153,19 @@ class _PrenormAttention(torch.autograd.Function):
     views and separate norm pass between them (~0.1 ms a layer at nanoGPT's CPU shape)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV, residual):
+    def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV, residual, rope):
         B, T, C = x.shape
         xn = normed[0].view(B * T, C)
         qkv = torch.addmm(b_qkv, xn, w_qkv.t()) if b_qkv is not None else xn @ w_qkv.t()
         qkv = qkv.view(B, T, -1)
+        if rope is not None:  # rotate the queries and keys in place: the kernel reads them packed
+            qk = _queries_and_keys(qkv, H, KV)
+            qk.copy_(_rotate(qk, *rope))
         y, probs = _forward(qkv, H, KV)
         y2 = y.view(B * T, -1)
         out = linear_into(y2, w_proj, b_proj, (B, T))
         ctx.save_for_backward(x, norm_w, normed[1], normed[2], xn, qkv, probs, y2, w_qkv, w_proj)
-        ctx.heads, ctx.residual = (H, KV), residual
+        ctx.heads, ctx.residual, ctx.rope = (H, KV), residual, rope
         return out.add_(x) if residual else out
 
     @staticmethod
@@ -155,7 +179,11 @@ class _PrenormAttention(torch.autograd.Function):
         d_w_proj = g.t() @ y2 if need[6] else None
         d_b_proj = g.sum(0) if need[7] else None
         dy = (g @ w_proj).view(B, T, H, -1)
-        dqkv = _backward(qkv, probs, dy, H, KV).view(B * T, -1)
+        dqkv = _backward(qkv, probs, dy, H, KV)
+        if ctx.rope is not None:  # back through the rotation (its transpose)
+            dqk = _queries_and_keys(dqkv, H, KV)
+            dqk.copy_(_rotate_back(dqk, *ctx.rope))
+        dqkv = dqkv.view(B * T, -1)
         d_w_qkv = dqkv.t() @ xn if need[4] else None
         d_b_qkv = dqkv.sum(0) if need[5] else None
         dx = d_norm_w = d_norm_b = None
@@ -163,7 +191,7 @@ class _PrenormAttention(torch.autograd.Function):
             dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, dqkv @ w_qkv, need[:3])
         if ctx.residual and dx is not None:
             dx.add_(grad)
-        return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None, None
+        return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None, None, None
 
 
 def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
@@ -210,9 +238,10 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.
 
 def prenorm_attention(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor | None, normed: tuple,
                       w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, w_proj: torch.Tensor,
-                      b_proj: torch.Tensor | None, n_heads: int, n_kv_heads: int, residual: bool) -> torch.Tensor:
+                      b_proj: torch.Tensor | None, n_heads: int, n_kv_heads: int, residual: bool,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """proj(causal_attention(qkv(norm(x)))) [B, T, C] (plus x where `residual`), differentiable in
     x, the norm's weight and bias and both projections, for a sublayer `prenorm_wanted` accepts;
     `normed` is kernels.norm_forward's (y, mean, rstd) for x under that norm (nn/fused.prenorm)."""
     return _PrenormAttention.apply(x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, n_heads, n_kv_heads,
-                                   residual)
+                                   residual, rope)

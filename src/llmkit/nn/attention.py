@@ -52,10 +52,11 @@ class Attention(nn.Module):
                  mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor | None:
         """x + self(norm(x)), the pre-norm block's residual sublayer, as one autograd Function for
         training (the native norm, both projections, the native attention and the add, unless
-        dropout is active; kernels/train_attention.py), or None where it does not apply: then the
-        caller runs the modules. Plain causal self-attention without RoPE only, with llmkit's own
-        modules and no hooks."""
-        if (rope is not None or mask is not None or cache is not None or self.return_weights
+        dropout is active; kernels/train_attention.py), RoPE included; or None where it does not
+        apply: then the caller runs the modules. Plain causal self-attention only (no mask, no
+        cache), with llmkit's own modules and no hooks."""
+        if (mask is not None or cache is not None or self.return_weights
+                or (rope is not None and (rope[0].requires_grad or rope[1].requires_grad))
                 or (self.training and self.dropout) or not plain_linears(self.qkv, self.proj)
                 or not own_forward(self, Attention) or not unhooked(self, self.resid_dropout)
                 or not train_attention.prenorm_wanted(x, self.qkv.weight, self.proj.weight, self.n_heads,
@@ -66,7 +67,7 @@ class Attention(nn.Module):
             return None
         add = not (self.training and self.resid_dropout.p)
         out = train_attention.prenorm_attention(x, *folded, self.qkv.weight, self.qkv.bias, self.proj.weight,
-                                                self.proj.bias, self.n_heads, self.n_kv_heads, add)
+                                                self.proj.bias, self.n_heads, self.n_kv_heads, add, rope)
         return out if add else x + self.resid_dropout(out)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
