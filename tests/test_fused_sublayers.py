@@ -59,6 +59,8 @@ CONFIGS = {
     "rope-gqa": dict(norm="rmsnorm", position="rope", n_heads=4, n_kv_heads=2),
     "rope-scaled-mha-bias": dict(norm="layernorm", position="rope", bias=True, qkv_bias=True,
                                  rope_scaling={"type": "linear", "factor": 2.0}),
+    "llama-swiglu": dict(norm="rmsnorm", position="rope", mlp="swiglu", n_heads=4, n_kv_heads=2),
+    "swiglu-layernorm-bias": dict(norm="layernorm", position="learned", mlp="swiglu", bias=True),
 }
 
 
@@ -77,7 +79,7 @@ def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool, monkeypatch) -> 
 def counting(monkeypatch) -> list[str]:
     calls: list[str] = []
     for name, fn in (("attention", train_attention._PrenormAttention), ("mlp", mlp._GeluMLPFunction),
-                     ("head", fused._PrenormLinear)):
+                     ("mlp", mlp._SwiGLUFunction), ("head", fused._PrenormLinear)):
         real = fn.apply
         monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
@@ -85,7 +87,7 @@ def counting(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_folded_block_equals_separate_modules(name, monkeypatch):
-    cfg = ModelConfig.from_preset("tiny", mlp="gelu", **CONFIGS[name])
+    cfg = ModelConfig.from_preset("tiny", **{"mlp": "gelu", **CONFIGS[name]})
     torch.manual_seed(0)
     model = DecoderLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
@@ -142,10 +144,10 @@ def test_modules_run_as_themselves_where_something_must_see_them(monkeypatch):
         model(ids)
     assert calls == []
 
-    swiglu = DecoderLM(ModelConfig.from_preset("tiny", mlp="swiglu", position="rope"))
+    rope = DecoderLM(ModelConfig.from_preset("tiny", mlp="swiglu", position="rope", sliding_window=8))
     calls.clear()
-    swiglu(ids).sum().backward()  # SwiGLU has no Function: it runs as modules, the attention folds
-    assert calls.count("attention") == swiglu.cfg.n_layers and calls.count("mlp") == 0
+    rope(ids).sum().backward()  # a window shorter than the sequence (a mask): attention as modules
+    assert calls.count("attention") == 0 and calls.count("mlp") == rope.cfg.n_layers
 
     dropout = DecoderLM(ModelConfig.from_preset("tiny", mlp="gelu", position="learned", dropout=0.1)).train()
     calls.clear()
@@ -274,3 +276,43 @@ def test_rope_with_per_sequence_positions_equals_modules(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():
         torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-swiglu", "pytorch-ops"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_function_equals_modules(native, bias, monkeypatch):
+    if not native:
+        monkeypatch.setattr(kernels, "swiglu_with_grad", lambda *a: None)
+    torch.manual_seed(0)
+    module = mlp.SwiGLU(24, 40, bias)
+    x = torch.randn(3, 7, 24) * 2
+    dy = torch.randn(3, 7, 24)
+    got_x = x.clone().requires_grad_()
+    got = module(got_x)
+    got.backward(dy)
+    got_grads = [p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    want_x = x.clone().requires_grad_()
+    want = module.modules_forward(want_x)
+    want.backward(dy)
+    assert got.grad_fn.name() == "_SwiGLUFunctionBackward"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
+    for g, p in zip(got_grads, module.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_native_swiglu_and_derivatives_match_pytorch():
+    """Over the range, the tails and a length that is not a multiple of 8."""
+    g = torch.cat([torch.linspace(-30, 30, 100_003), torch.tensor([0.0, -0.0, 90.0, -90.0, 1e4, -1e4])])
+    u = torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
+    gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
+    ref = F.silu(gr) * ur
+    dg_ref, du_ref = torch.autograd.grad(ref.sum(), (gr, ur))
+    gate, up = g.clone(), u.clone()
+    a = kernels.swiglu_with_grad(gate, up)
+    torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gate, dg_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(up, du_ref, rtol=1e-5, atol=1e-6)
+    assert kernels.swiglu_with_grad(g.double(), u.double()) is None
+    assert kernels.swiglu_with_grad(g[::2], u[::2]) is None

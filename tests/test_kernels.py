@@ -225,6 +225,14 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
             out = h.detach().clone()
             torch.testing.assert_close(kernels.gelu_with_grad(out, approximate), ref.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out, torch.autograd.grad(ref.sum(), h)[0], rtol=1e-5, atol=3e-6)
+        # SwiGLU with its derivatives (scalar libm branch)
+        gate, up = torch.linspace(-20, 20, 1001), torch.randn(1001, generator=g)
+        gr, ur = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        ref = F.silu(gr) * ur
+        a = kernels.swiglu_with_grad(gate, up)
+        torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-6)
+        for got, want in zip((gate, up), torch.autograd.grad(ref.sum(), (gr, ur))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         # the training norms' scalar branch (d = 37: no 8-float blocks), LayerNorm and RMSNorm
         x, w, b, dy = (torch.randn(s, generator=g) for s in ((5, 37), (37,), (37,), (5, 37)))
         for center in (True, False):

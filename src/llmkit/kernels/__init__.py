@@ -33,6 +33,7 @@ _SIGNATURES = {
     "llmkit_decode_token": ("native", [_P, _L, _L] + [_P] * 4 + [ctypes.c_int], ctypes.c_int),
     "llmkit_decode_scratch": ("native", [_P], _L),
     "llmkit_gelu_with_grad": ("native", [_P, _P, _L, ctypes.c_int], None),
+    "llmkit_swiglu_with_grad": ("native", [_P, _P, _P, _L], None),
     "llmkit_norm_fwd": ("native", [_P] * 6 + [_L, _L, ctypes.c_float, ctypes.c_int], None),
     "llmkit_norm_bwd": ("native", [_P] * 8 + [_L, _L, ctypes.c_int], _L),
     "llmkit_clip_grad_norm": ("native", [_L, _P, _P, ctypes.c_double], ctypes.c_double),
@@ -72,7 +73,7 @@ def available() -> bool:
 def status() -> str:
     """One line for `llmkit info`: whether native kernels run here, and why not."""
     if available():
-        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention, GELU and optimizer step; {num_threads()} threads; cache {build.cache_dir()})"
+        return f"native CPU kernels: yes (decode step, gemv, rms_norm, rope, decode attention, training attention, GELU, SwiGLU, norms and optimizer step; {num_threads()} threads; cache {build.cache_dir()})"
     reason = build.why_not("native")
     return f"native CPU kernels: no ({reason}); using PyTorch's"
 
@@ -161,6 +162,19 @@ def gelu_with_grad(x: torch.Tensor, approximate: str) -> torch.Tensor | None:
     y = torch.empty_like(x)
     fn(x.data_ptr(), y.data_ptr(), x.numel(), approximate == "tanh")
     return y
+
+
+def swiglu_with_grad(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU's activation for training: returns silu(g) * u and overwrites g, u with its partial
+    derivatives d/dg and d/du, in one pass sharing the sigmoid (swiglu.c); or None (nothing
+    touched) where it does not apply: g, u contiguous fp32 on CPU of one shape, not under
+    torch.compile."""
+    fn = _fns["llmkit_swiglu_with_grad"] if "llmkit_swiglu_with_grad" in _fns else _resolve("llmkit_swiglu_with_grad")
+    if (fn is None or g.shape != u.shape or not _flat_f32(g) or not _flat_f32(u) or torch.compiler.is_compiling()):
+        return None
+    a = torch.empty_like(g)
+    fn(g.data_ptr(), u.data_ptr(), a.data_ptr(), g.numel())
+    return a
 
 
 def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,

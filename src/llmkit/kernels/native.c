@@ -10,3 +10,4 @@
 #include "gelu.c"
 #include "optimizer.c"
 #include "norm.c"
+#include "swiglu.c"

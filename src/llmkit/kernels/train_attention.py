@@ -14,6 +14,7 @@ import torch
 
 from llmkit import kernels
 from llmkit.kernels import build
+from llmkit.nn.fused import input_grads, normed_rows
 from llmkit.nn.linear import linear_into
 from llmkit.utils import eager_autograd
 
@@ -155,26 +156,25 @@ class _PrenormAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj, H, KV, residual, rope):
         B, T, C = x.shape
-        xn = normed[0].view(B * T, C)
-        qkv = torch.addmm(b_qkv, xn, w_qkv.t()) if b_qkv is not None else xn @ w_qkv.t()
-        qkv = qkv.view(B, T, -1)
+        xn, norm_saved = normed_rows(x, norm_w, normed)
+        qkv = linear_into(xn, w_qkv, b_qkv, (B, T))
         if rope is not None:  # rotate the queries and keys in place: the kernel reads them packed
             qk = _queries_and_keys(qkv, H, KV)
             qk.copy_(_rotate(qk, *rope))
         y, probs = _forward(qkv, H, KV)
         y2 = y.view(B * T, -1)
         out = linear_into(y2, w_proj, b_proj, (B, T))
-        ctx.save_for_backward(x, norm_w, normed[1], normed[2], xn, qkv, probs, y2, w_qkv, w_proj)
+        ctx.save_for_backward(xn, qkv, probs, y2, w_qkv, w_proj, *norm_saved)
         ctx.heads, ctx.residual, ctx.rope = (H, KV), residual, rope
         return out.add_(x) if residual else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, norm_w, mean, rstd, xn, qkv, probs, y2, w_qkv, w_proj = ctx.saved_tensors
+        xn, qkv, probs, y2, w_qkv, w_proj, *norm_saved = ctx.saved_tensors
         H, KV = ctx.heads
         need = ctx.needs_input_grad  # x, norm_w, norm_b, normed, w_qkv, b_qkv, w_proj, b_proj
-        B, T, C = x.shape
+        B, T, C = grad.shape
         g = grad.reshape(B * T, C)
         d_w_proj = g.t() @ y2 if need[6] else None
         d_b_proj = g.sum(0) if need[7] else None
@@ -186,11 +186,7 @@ class _PrenormAttention(torch.autograd.Function):
         dqkv = dqkv.view(B * T, -1)
         d_w_qkv = dqkv.t() @ xn if need[4] else None
         d_b_qkv = dqkv.sum(0) if need[5] else None
-        dx = d_norm_w = d_norm_b = None
-        if need[0] or need[1] or need[2]:
-            dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, dqkv @ w_qkv, need[:3])
-        if ctx.residual and dx is not None:
-            dx.add_(grad)
+        dx, d_norm_w, d_norm_b = input_grads(norm_saved, lambda: dqkv @ w_qkv, need[:3], grad, ctx.residual)
         return dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, None, None, None, None
 
 

@@ -3,6 +3,8 @@ folded into the GELU MLP's and the attention's Function, nn/mlp.py, kernels/trai
 only for llmkit's own modules, with nothing that has to see them run as themselves."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
@@ -47,27 +49,52 @@ def prenorm(norm: nn.Module, x: torch.Tensor) -> tuple | None:
     return None if stats is None else (norm.weight, bias, stats)
 
 
+def normed_rows(x: torch.Tensor, norm_w: torch.Tensor | None, normed: tuple | None) -> tuple:
+    """(rows the sublayer reads [tokens, C], tensors its backward needs for the norm): x's rows and
+    () without a folded norm; the normalised rows and (x rows, weight, mean, rstd) with one."""
+    rows = x.reshape(-1, x.shape[-1])
+    if normed is None:
+        return rows, ()
+    return normed[0].view(rows.shape), (rows, norm_w, normed[1], normed[2])
+
+
+def input_grads(norm_saved: tuple, rows_grad: Callable[[], torch.Tensor], need: tuple[bool, bool, bool],
+                grad: torch.Tensor, residual: bool) -> tuple:
+    """(dx, d norm weight, d norm bias) for a folded sublayer's input x [*, C], each only where
+    `need` asks: `rows_grad()` is the gradient of the rows it read (computed only if needed),
+    carried back through the folded norm (`norm_saved` from `normed_rows`), plus the output's
+    gradient `grad` where the Function added the residual."""
+    dx = d_norm_w = d_norm_b = None
+    if norm_saved and any(need):
+        dx, d_norm_w, d_norm_b = kernels.norm_backward(*norm_saved, rows_grad(), need)
+    elif need[0]:
+        dx = rows_grad()
+    if dx is not None:
+        dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        if residual:
+            dx.add_(grad)
+    return dx, d_norm_w, d_norm_b
+
+
 class _PrenormLinear(torch.autograd.Function):
     """linear(norm(x)) with the native norm and the backward by hand (the final norm and LM head)."""
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, normed, weight, bias):
-        rows = normed[0].view(-1, x.shape[-1])
+        rows, norm_saved = normed_rows(x, norm_w, normed)
         out = linear_into(rows, weight, bias, x.shape[:-1])
-        ctx.save_for_backward(x, norm_w, normed[1], normed[2], rows, weight)
+        ctx.save_for_backward(rows, weight, *norm_saved)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, norm_w, mean, rstd, rows, weight = ctx.saved_tensors
+        rows, weight, *norm_saved = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, norm_w, norm_b, normed, weight, bias
         g = grad.reshape(-1, grad.shape[-1])
         d_weight = g.t() @ rows if need[4] else None
         d_bias = g.sum(0) if need[5] else None
-        dx = d_norm_w = d_norm_b = None
-        if need[0] or need[1] or need[2]:
-            dx, d_norm_w, d_norm_b = kernels.norm_backward(x, norm_w, mean, rstd, g @ weight, need[:3])
+        dx, d_norm_w, d_norm_b = input_grads(norm_saved, lambda: g @ weight, need[:3], grad, False)
         return dx, d_norm_w, d_norm_b, None, d_weight, d_bias
 
 

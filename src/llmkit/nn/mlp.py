@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from llmkit import kernels
-from llmkit.nn.fused import own_forward, plain_linears, prenorm, unhooked
+from llmkit.nn.fused import input_grads, normed_rows, own_forward, plain_linears, prenorm, unhooked
 from llmkit.nn.linear import Linear, linear_into
 from llmkit.utils import eager_autograd
 
@@ -21,24 +21,18 @@ class _GeluMLPFunction(torch.autograd.Function):
     the forward's own pass, so the backward is one in-place multiply over the down projection's
     input gradient, which nothing else holds. Without the kernel, PyTorch's gelu_backward runs in
     place there instead (then gradients are bit-identical to autograd's).
+    `normed`, `residual`: see `_FoldedMLP.residual`.
     """
 
     @staticmethod
-    def forward(ctx, x, w_up, b_up, w_down, b_down, approximate, norm_w=None, norm_b=None, normed=None,
-                residual=False):
-        """`normed`: where the block's pre-norm is folded in (GeluMLP.residual), kernels.norm_forward's
-        (y, mean, rstd) for x, with the norm's weight and bias as norm_w, norm_b; x is then the
-        residual stream itself, and the norm's backward runs here too. `residual`: return x + MLP."""
-        x_rows = x.reshape(-1, x.shape[-1])
-        rows, mean, rstd = x_rows, None, None
-        if normed is not None:
-            rows, mean, rstd = normed[0].view(x_rows.shape), normed[1], normed[2]
+    def forward(ctx, x, norm_w, norm_b, normed, residual, w_up, b_up, w_down, b_down, approximate):
+        rows, norm_saved = normed_rows(x, norm_w, normed)
         h = F.linear(rows, w_up, b_up)
         a = kernels.gelu_with_grad(h, approximate)  # native: h now holds gelu'(h)
         ctx.derivative = a is not None
         if a is None:
             a = F.gelu(h, approximate=approximate)
-        ctx.save_for_backward(rows, h, a, w_up, w_down, *((x_rows, norm_w, mean, rstd) if normed else ()))
+        ctx.save_for_backward(rows, h, a, w_up, w_down, *norm_saved)
         ctx.approximate, ctx.residual = approximate, residual
         out = linear_into(a, w_down, b_down, x.shape[:-1])
         return out.add_(x) if residual else out
@@ -46,47 +40,93 @@ class _GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, h, a, w_up, w_down, *norm = ctx.saved_tensors
+        rows, h, a, w_up, w_down, *norm_saved = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         need = ctx.needs_input_grad  # frozen weights (partial fine-tuning) get no gradient computed
         da = g @ w_down
-        d_w_down = g.t() @ a if need[3] else None
-        d_b_down = g.sum(0) if need[4] else None
+        d_w_down = g.t() @ a if need[7] else None
+        d_b_down = g.sum(0) if need[8] else None
         if ctx.derivative:
             da.mul_(h)
         else:
             torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
-        d_w_up = da.t() @ rows if need[1] else None
-        d_b_up = da.sum(0) if need[2] else None
-        dx = d_norm_w = d_norm_b = None
-        if not norm and need[0]:
-            dx = da @ w_up
-        elif norm and (need[0] or need[6] or need[7]):
-            dx, d_norm_w, d_norm_b = kernels.norm_backward(*norm, da @ w_up, (need[0], need[6], need[7]))
-        dx = None if dx is None else dx.view(*grad.shape[:-1], w_up.shape[1])
-        if ctx.residual and dx is not None:
-            dx.add_(grad)
-        return dx, d_w_up, d_b_up, d_w_down, d_b_down, None, d_norm_w, d_norm_b, None, None
+        d_w_up = da.t() @ rows if need[5] else None
+        d_b_up = da.sum(0) if need[6] else None
+        dx, d_norm_w, d_norm_b = input_grads(norm_saved, lambda: da @ w_up, need[:3], grad, ctx.residual)
+        return dx, d_norm_w, d_norm_b, None, None, d_w_up, d_b_up, d_w_down, d_b_down, None
 
 
-class GeluMLP(nn.Module):
-    approximate = "none"
+class _SwiGLUFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with a hand-written backward.
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
-        super().__init__()
-        self.up = Linear(d_model, d_ff, bias=bias)
-        self.down = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+    Why: autograd keeps gate, up and silu(gate), recomputes the sigmoid in the backward and makes
+    three activation-sized passes there. The native kernel (kernels/swiglu.c) writes both partial
+    derivatives over gate and up in the forward's pass, so the backward is two multiplies.
+    Without it, the same arithmetic runs as PyTorch ops. `normed`, `residual`: see
+    `_FoldedMLP.residual`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, normed, residual, w_gate, b_gate, w_up, b_up, w_down, b_down):
+        rows, norm_saved = normed_rows(x, norm_w, normed)
+        gate, up = F.linear(rows, w_gate, b_gate), F.linear(rows, w_up, b_up)
+        a = kernels.swiglu_with_grad(gate, up)  # native: gate, up now hold d a / d gate, d a / d up
+        if a is None:
+            s = torch.sigmoid(gate)
+            silu = gate * s
+            a = silu * up
+            gate = up * s * (1 + gate * (1 - s))
+            up = silu
+        ctx.save_for_backward(rows, gate, up, a, w_gate, w_up, w_down, *norm_saved)
+        ctx.residual = residual
+        out = linear_into(a, w_down, b_down, x.shape[:-1])
+        return out.add_(x) if residual else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, d_gate, d_up, a, w_gate, w_up, w_down, *norm_saved = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        need = ctx.needs_input_grad
+        da = g @ w_down
+        d_w_down = g.t() @ a if need[9] else None
+        d_b_down = g.sum(0) if need[10] else None
+        dg = da * d_gate
+        du = da.mul_(d_up)
+        d_w_gate = dg.t() @ rows if need[5] else None
+        d_b_gate = dg.sum(0) if need[6] else None
+        d_w_up = du.t() @ rows if need[7] else None
+        d_b_up = du.sum(0) if need[8] else None
+        dx, d_norm_w, d_norm_b = input_grads(norm_saved, lambda: torch.addmm(dg @ w_gate, du, w_up), need[:3], grad,
+                                             ctx.residual)
+        return dx, d_norm_w, d_norm_b, None, None, d_w_gate, d_b_gate, d_w_up, d_b_up, d_w_down, d_b_down
+
+
+class _FoldedMLP(nn.Module):
+    """An MLP whose training step runs as one autograd Function with a hand-written backward
+    (`function`, taking `weights()`), and which can fold the block's pre-norm and residual add into
+    it (`residual`). Subclasses give `function`, `weights` and `modules_forward`."""
+
+    function: type[torch.autograd.Function]
+
+    def linears(self) -> tuple[Linear, ...]:
+        raise NotImplementedError
+
+    def weights(self) -> tuple:
+        raise NotImplementedError
+
+    def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same MLP as plain module calls (inference, adapters, hooks, autocast, torch.func)."""
+        raise NotImplementedError
 
     def _function_applies(self, x: torch.Tensor) -> bool:
-        return (eager_autograd() and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.up.weight.dtype
-                and plain_linears(self.up, self.down))
+        return (eager_autograd() and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.linears()[0].weight.dtype and plain_linears(*self.linears()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.up, self.down
         if self._function_applies(x):
-            return self.dropout(_GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate))
-        return self.dropout(down(F.gelu(up(x), approximate=self.approximate)))
+            return self.dropout(self.function.apply(x, None, None, None, False, *self.weights()))
+        return self.dropout(self.modules_forward(x))
 
     def residual(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """x + self(norm(x)), the pre-norm block's residual sublayer, with the norm's native
@@ -96,14 +136,33 @@ class GeluMLP(nn.Module):
         Why: a separate norm costs a graph node and PyTorch's layer_norm pair (~130 us in a
         nanoGPT-sized step) where the native kernels take ~45 us; inside the Function neither they
         nor the add need a node of their own. Only llmkit's own LayerNorm / RMSNorm without hooks."""
-        applies = self._function_applies(x) and own_forward(self, GeluMLP) and unhooked(self, self.dropout)
+        applies = self._function_applies(x) and own_forward(self, _FoldedMLP) and unhooked(self, self.dropout)
         folded = prenorm(norm, x) if applies else None
         if folded is None:
             return None
-        up, down = self.up, self.down
         add = not (self.training and self.dropout.p)
-        out = _GeluMLPFunction.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate, *folded, add)
+        out = self.function.apply(x, *folded, add, *self.weights())
         return out if add else x + self.dropout(out)
+
+
+class GeluMLP(_FoldedMLP):
+    approximate = "none"
+    function = _GeluMLPFunction
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def linears(self) -> tuple[Linear, ...]:
+        return self.up, self.down
+
+    def weights(self) -> tuple:
+        return self.up.weight, self.up.bias, self.down.weight, self.down.bias, self.approximate
+
+    def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class GeluTanhMLP(GeluMLP):
@@ -112,7 +171,9 @@ class GeluTanhMLP(GeluMLP):
     approximate = "tanh"
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(_FoldedMLP):
+    function = _SwiGLUFunction
+
     def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
         super().__init__()
         self.gate = Linear(d_model, d_ff, bias=bias)
@@ -120,8 +181,14 @@ class SwiGLU(nn.Module):
         self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+    def linears(self) -> tuple[Linear, ...]:
+        return self.gate, self.up, self.down
+
+    def weights(self) -> tuple:
+        return self.gate.weight, self.gate.bias, self.up.weight, self.up.bias, self.down.weight, self.down.bias
+
+    def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU}
