@@ -66,7 +66,8 @@ def transformers_side(arch: str = "gpt2"):
         model = transformers.GPT2LMHeadModel(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    return make_step(model, opt, lambda x, y: model(input_ids=x, labels=y).loss)  # shifts labels internally
+    # labels are shifted inside (T - 1 positions); no KV cache is built in training
+    return make_step(model, opt, lambda x, y: model(input_ids=x, labels=y, use_cache=False).loss)
 
 
 def plain_side():

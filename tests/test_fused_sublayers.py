@@ -304,15 +304,50 @@ def test_swiglu_function_equals_modules(native, bias, monkeypatch):
 
 def test_native_swiglu_and_derivatives_match_pytorch():
     """Over the range, the tails and a length that is not a multiple of 8."""
-    g = torch.cat([torch.linspace(-30, 30, 100_003), torch.tensor([0.0, -0.0, 90.0, -90.0, 1e4, -1e4])])
+    extremes = [0.0, -0.0, 90.0, -90.0, 1e4, -1e4, -3e38, 3e38, float("inf"), -float("inf"), float("nan")]
+    g = torch.cat([torch.tensor(extremes * 2), torch.linspace(-30, 30, 100_003)])  # in vector lanes and the tail
     u = torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
     gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
     ref = F.silu(gr) * ur
     dg_ref, du_ref = torch.autograd.grad(ref.sum(), (gr, ur))
     gate, up = g.clone(), u.clone()
     a = kernels.swiglu_with_grad(gate, up)
-    torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gate, dg_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(up, du_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(gate, dg_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(up, du_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert kernels.swiglu_with_grad(g.double(), u.double()) is None
     assert kernels.swiglu_with_grad(g[::2], u[::2]) is None
+
+
+def test_another_activation_in_a_subclass_is_not_replaced(monkeypatch):
+    """A subclass that redefines the arithmetic (GeGLU from SwiGLU) trains with its own."""
+    class GeGLU(mlp.SwiGLU):
+        def modules_forward(self, x):
+            return self.down(F.gelu(self.gate(x)) * self.up(x))
+
+    torch.manual_seed(0)
+    module = GeGLU(16, 32, bias=False)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out = module(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x))
+    assert "SwiGLU" not in out.grad_fn.name()
+    assert module.residual(torch.nn.Identity(), x) is None
+
+
+def test_folded_mlp_only_for_fp32_on_cpu():
+    torch.manual_seed(0)
+    module = mlp.SwiGLU(16, 32, bias=True).to(torch.bfloat16)
+    out = module(torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True))
+    assert "SwiGLU" not in out.grad_fn.name()  # bf16 (and CUDA): the modules, autograd's backward
+
+
+def test_rope_as_two_dimensional_angles_runs_the_modules():
+    cfg = ModelConfig.from_preset("tiny", mlp="gelu", position="rope")
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    block = model.blocks[0]
+    x = torch.randn(2, 10, cfg.d_model, requires_grad=True)
+    cos, sin = model.pos(torch.arange(10), 10)
+    assert block.attn.residual(block.norm1, x, (cos[0, 0], sin[0, 0])) is None  # [T, d]: declined
+    assert block.attn.residual(block.norm1, x, (cos, sin)) is not None

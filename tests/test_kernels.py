@@ -3,6 +3,7 @@ applies, and everything still works without it."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import shutil
 import threading
 
@@ -87,6 +88,14 @@ def test_linear_routes_only_inference_rows_to_kernel(monkeypatch):
     assert layer.weight.grad is not None
     torch.testing.assert_close(out, F.linear(one_row, layer.weight, layer.bias))
 
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or os.environ.get("LLMKIT_NATIVE") == "0",
+                    reason="no C compiler here, or native kernels switched off")
+def test_sources_compile_where_a_compiler_exists():
+    """A compile error must fail here, not turn every native test into a skip."""
+    kernels.reset()
+    assert kernels.available(), kernels.status()
 
 @needs_native
 def test_decoding_with_and_without_kernel_agrees(monkeypatch):

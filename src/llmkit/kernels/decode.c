@@ -113,7 +113,9 @@ static inline __m256 gelu_tanh8(__m256 x) {
 
 static inline __m256 silu_mul8(__m256 g, __m256 up) {
     __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), up);
+    __m256 s = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    s = _mm256_and_ps(s, _mm256_cmp_ps(g, _mm256_set1_ps(-87.3f), _CMP_NLT_UQ)); /* exp8 clamps: sigmoid 0 below */
+    return _mm256_mul_ps(_mm256_mul_ps(g, s), up);
 }
 #endif
 

@@ -22,6 +22,8 @@ void llmkit_swiglu_with_grad(float *g, float *u, float *a, long n) {
         for (; i + 8 <= end; i += 8) {
             __m256 x = _mm256_loadu_ps(g + i), up = _mm256_loadu_ps(u + i);
             __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+            /* exp8 clamps its input: below -87.3 the sigmoid is 0 (NaN and -inf then give NaN, as libm) */
+            s = _mm256_and_ps(s, _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_NLT_UQ));
             __m256 silu = _mm256_mul_ps(x, s);
             _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, up));
             __m256 dsilu = _mm256_mul_ps(s, _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one));

@@ -56,7 +56,8 @@ class Attention(nn.Module):
         apply: then the caller runs the modules. Plain causal self-attention only (no mask, no
         cache), with llmkit's own modules and no hooks."""
         if (mask is not None or cache is not None or self.return_weights
-                or (rope is not None and (rope[0].requires_grad or rope[1].requires_grad))
+                or (rope is not None and (rope[0].requires_grad or rope[1].requires_grad
+                                          or rope[0].dim() != 4 or rope[0].shape[1] != 1))
                 or (self.training and self.dropout) or not plain_linears(self.qkv, self.proj)
                 or not own_forward(self, Attention) or not unhooked(self, self.resid_dropout)
                 or not train_attention.prenorm_wanted(x, self.qkv.weight, self.proj.weight, self.n_heads,

@@ -105,7 +105,9 @@ class _SwiGLUFunction(torch.autograd.Function):
 class _FoldedMLP(nn.Module):
     """An MLP whose training step runs as one autograd Function with a hand-written backward
     (`function`, taking `weights()`), and which can fold the block's pre-norm and residual add into
-    it (`residual`). Subclasses give `function`, `weights` and `modules_forward`."""
+    it (`residual`). Subclasses give `function`, `linears`, `weights` and `modules_forward` (the
+    same arithmetic as module calls). The Function's backward is once-differentiable: a second
+    derivative (create_graph) goes through `modules_forward`, e.g. under torch.func."""
 
     function: type[torch.autograd.Function]
 
@@ -120,8 +122,16 @@ class _FoldedMLP(nn.Module):
         raise NotImplementedError
 
     def _function_applies(self, x: torch.Tensor) -> bool:
-        return (eager_autograd() and not torch.is_autocast_enabled(x.device.type)
-                and x.dtype == self.linears()[0].weight.dtype and plain_linears(*self.linears()))
+        """fp32 CPU training under eager autograd, with this class's own arithmetic: a subclass or
+        instance that redefines `modules_forward` (another activation) runs that instead."""
+        return (x.dtype is torch.float32 and x.is_cpu and eager_autograd() and not torch.is_autocast_enabled("cpu")
+                and self.linears()[0].weight.dtype is torch.float32 and self._own_math()
+                and plain_linears(*self.linears()))
+
+    def _own_math(self) -> bool:
+        owner = next(c for c in type(self).__mro__ if "function" in vars(c))  # the class that wrote `function`
+        return (type(self).modules_forward is owner.modules_forward and type(self).weights is owner.weights
+                and "modules_forward" not in vars(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._function_applies(x):
