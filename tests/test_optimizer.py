@@ -30,6 +30,18 @@ def set_grads(a: list[torch.Tensor], b: list[torch.Tensor], g: torch.Generator, 
         p.grad, q.grad = grad.clone(), grad.clone()
 
 
+def step_both(opts, ours: list[torch.Tensor], ref: list[torch.Tensor], g: torch.Generator, steps: int,
+              sit_out: int | None = None) -> None:
+    """`steps` steps of each optimizer on the same fresh gradients; parameter `sit_out` gets none
+    every other step."""
+    for step in range(steps):
+        set_grads(ours, ref, g)
+        if sit_out is not None and step % 2:
+            ours[sit_out].grad = ref[sit_out].grad = None
+        for opt in opts:
+            opt.step()
+
+
 @pytest.fixture
 def native_calls(monkeypatch) -> list[int]:
     """Counts native AdamW calls (one per param group)."""
@@ -49,11 +61,7 @@ def test_adamw_equals_pytorch_over_steps(fused, native_calls):
     ours, ref = twin_params()
     a = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, fused=fused)
     b = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, fused=fused)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(25):
-        set_grads(ours, ref, g)
-        a.step()
-        b.step()
+    step_both((a, b), ours, ref, torch.Generator().manual_seed(1), 25)
     assert len(native_calls) == 48  # two groups a step, native after the first (PyTorch creates the state)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
@@ -68,20 +76,14 @@ def test_state_dict_moves_both_ways_between_native_and_pytorch():
     a = AdamW(groups(ours), lr=1e-2)
     b = torch.optim.AdamW(groups(ref), lr=1e-2)
     g = torch.Generator().manual_seed(2)
-    for _ in range(5):
-        set_grads(ours, ref, g)
-        a.step()
-        b.step()
+    step_both((a, b), ours, ref, g, 5)
     # swap: each continues from the other's saved state
     a_state, b_state = a.state_dict(), b.state_dict()
     a2 = AdamW(groups(ours), lr=1e-2)
     a2.load_state_dict(b_state)
     b2 = torch.optim.AdamW(groups(ref), lr=1e-2)
     b2.load_state_dict(a_state)
-    for _ in range(5):
-        set_grads(ours, ref, g)
-        a2.step()
-        b2.step()
+    step_both((a2, b2), ours, ref, g, 5)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     assert a2.state_dict()["state"][0]["step"].item() == 10.0
@@ -91,13 +93,7 @@ def test_parameters_without_gradient_are_left_alone(native_calls):
     ours, ref = twin_params()
     a = AdamW(groups(ours), lr=1e-2)
     b = torch.optim.AdamW(groups(ref), lr=1e-2)
-    g = torch.Generator().manual_seed(3)
-    for step in range(6):
-        set_grads(ours, ref, g)
-        if step % 2:  # the second parameter sits out every other step: its step count lags
-            ours[1].grad = ref[1].grad = None
-        a.step()
-        b.step()
+    step_both((a, b), ours, ref, torch.Generator().manual_seed(3), 6, sit_out=1)  # its step count lags
     assert native_calls
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
@@ -218,9 +214,7 @@ def test_first_step_state_is_pytorchs_own(native_calls):
     ours, ref = twin_params()
     a = AdamW(groups(ours), lr=1e-2, fused=True)
     b = torch.optim.AdamW(groups(ref), lr=1e-2, fused=True)
-    set_grads(ours, ref, torch.Generator().manual_seed(6))
-    a.step()
-    b.step()
+    step_both((a, b), ours, ref, torch.Generator().manual_seed(6), 1)
     assert native_calls == []
     for p, q in zip(ours, ref):
         for key in ("step", "exp_avg", "exp_avg_sq"):

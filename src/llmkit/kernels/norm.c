@@ -13,19 +13,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-static void norm_rows(long rows, long *lo, long *hi) {
-#ifdef _OPENMP
-    long t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    long t = 0, nt = 1;
-#endif
-    *lo = rows * t / nt;
-    *hi = rows * (t + 1) / nt;
-}
+#include "threads.h"
 
 /* Row sums for the statistics. The AVX2 paths keep four independent accumulators: one would wait
  * on the add latency every 8 floats (measured: 2x slower at d = 128). */
@@ -77,7 +65,7 @@ void llmkit_norm_fwd(const float *x, const float *w, const float *b, float *y, f
 #pragma omp parallel
     {
         long lo, hi;
-        norm_rows(rows, &lo, &hi);
+        thread_share(rows, &lo, &hi);
         for (long r = lo; r < hi; r++) {
             const float *xr = x + r * d;
             float *yr = y + r * d;
@@ -185,7 +173,7 @@ long llmkit_norm_bwd(const float *x, const float *w, const float *mean, const fl
 #pragma omp parallel
     {
         long lo, hi;
-        norm_rows(rows, &lo, &hi);
+        thread_share(rows, &lo, &hi);
 #ifdef _OPENMP
         long me = omp_get_thread_num();
 #else

@@ -12,20 +12,7 @@
  *   p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
  */
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-/* this thread's share [lo, hi) of `total` elements */
-static void thread_share(long total, long *lo, long *hi) {
-#ifdef _OPENMP
-    long t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    long t = 0, nt = 1;
-#endif
-    *lo = total * t / nt;
-    *hi = total * (t + 1) / nt;
-}
+#include "threads.h"
 
 static long total_of(long count, const long *n) {
     long total = 0;
