@@ -1,6 +1,8 @@
-"""When a block's training step may run through llmkit's fused autograd Functions (the pre-norm
-folded into the GELU MLP's and the attention's Function, nn/mlp.py, kernels/train_attention.py):
-only for llmkit's own modules, with nothing that has to see them run as themselves."""
+"""Folding a pre-norm block's pieces into one autograd Function for CPU training: the norm (native
+kernels), the sublayer and the residual add, for the attention (kernels/train_attention.py), the
+MLPs (nn/mlp.py) and the final norm with the LM head (here). The rules for when that may happen
+(only llmkit's own modules, with nothing that has to see them run as themselves) and the pieces
+the Functions share live here."""
 from __future__ import annotations
 
 from typing import Callable
