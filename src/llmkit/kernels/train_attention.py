@@ -14,9 +14,9 @@ import torch
 
 from llmkit import kernels
 from llmkit.kernels import build
-from llmkit.nn.fused import input_grads, normed_rows
+from llmkit.nn.fused import fp32_cpu_autograd, input_grads, normed_rows
 from llmkit.nn.linear import linear_into
-from llmkit.utils import eager_autograd
+from llmkit.nn.positions import apply_rotary, rotate_half
 
 MAX_T = 512  # longest sequence taken: P is B * H * T^2 floats; at 1024 flash attention wins (L2 no longer holds a head)
 MAX_P_BYTES = 64 << 20  # largest P kept per layer
@@ -54,10 +54,6 @@ def reset() -> None:
     _lib.clear()
 
 
-def _strides(t: torch.Tensor) -> _S3:
-    return _S3(t.stride(0), t.stride(1), t.stride(2))
-
-
 _templates: dict[tuple, AttnTable] = {}  # (shape, strides, H, KV) -> a table with every size and stride set
 
 
@@ -85,8 +81,8 @@ def _forward(qkv: torch.Tensor, H: int, KV: int) -> tuple[torch.Tensor, torch.Te
     """(y [B, T, H, d], P [B, H, T, Tp]) by the native forward; qkv's last dim contiguous."""
     table = _template(qkv, H, KV)
     B, T, d = table.B, table.T, table.d
-    y = torch.empty(B, T, H, d, dtype=torch.float32, device="cpu")
-    probs = torch.empty(B, H, T, table.Tp, dtype=torch.float32, device="cpu")
+    y = kernels._empty(B, T, H, d)
+    probs = kernels._empty(B, H, T, table.Tp)
     base, step = qkv.data_ptr(), d * 4
     table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
     table.y, table.P = y.data_ptr(), probs.data_ptr()
@@ -99,7 +95,7 @@ def _backward(qkv: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, H: int, 
     if not dy.is_contiguous():
         dy = dy.contiguous()
     table = _template(qkv, H, KV)
-    grad = torch.empty(qkv.shape, dtype=torch.float32, device="cpu")
+    grad = kernels._empty(*qkv.shape)
     base, gbase, step = qkv.data_ptr(), grad.data_ptr(), table.d * 4
     table.q, table.k, table.v = base, base + H * step, base + (H + KV) * step
     table.dq, table.dk, table.dv = gbase, gbase + H * step, gbase + (H + KV) * step
@@ -134,17 +130,14 @@ def _queries_and_keys(qkv: torch.Tensor, H: int, KV: int) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [B, T, heads, d] with cos, sin [B or 1, 1, T, d] (positions.apply_rotary's layout):
-    x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)."""
-    half = x.shape[-1] // 2
-    return x * cos.transpose(1, 2) + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin.transpose(1, 2)
+    """RoPE (positions.apply_rotary) on x [B, T, heads, d], cos, sin [B or 1, 1, T, d]."""
+    return apply_rotary(x.transpose(1, 2), cos, sin).transpose(1, 2)
 
 
 def _rotate_back(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The gradient through `_rotate`: g cos + rotate_half^T(g sin), rotate_half^T(z) = (z2, -z1)."""
-    gs = g * sin.transpose(1, 2)
-    half = g.shape[-1] // 2
-    return g * cos.transpose(1, 2) + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1)
+    """The gradient through `_rotate`, its transpose: g cos - rotate_half(g sin)."""
+    g = g.transpose(1, 2)
+    return (g * cos - rotate_half(g * sin)).transpose(1, 2)
 
 
 class _PrenormAttention(torch.autograd.Function):
@@ -195,9 +188,9 @@ def wanted(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
     a training-sized problem (autograd on, not under torch.compile or a torch.func transform, no
     autocast, fp32 on CPU, 2 <= T <= MAX_T, d a multiple of 8, P within MAX_P_BYTES), with the
     kernel built here."""
-    if not (qkv.requires_grad and eager_autograd()) or qkv.dim() != 3 or torch.is_autocast_enabled("cpu"):
+    if not qkv.requires_grad or qkv.dim() != 3 or not fp32_cpu_autograd(qkv):
         return False
-    return _fits(*qkv.shape, n_heads, n_kv_heads) and qkv.dtype is torch.float32 and qkv.is_cpu
+    return _fits(*qkv.shape, n_heads, n_kv_heads)
 
 
 def _fits(B: int, T: int, width: int, n_heads: int, n_kv_heads: int) -> bool:
@@ -213,12 +206,9 @@ def _fits(B: int, T: int, width: int, n_heads: int, n_kv_heads: int) -> bool:
 def prenorm_wanted(x: torch.Tensor, w_qkv: torch.Tensor, w_proj: torch.Tensor, n_heads: int, n_kv_heads: int) -> bool:
     """Whether `prenorm_attention` takes this sublayer: x [B, T, C] and both projection weights
     fp32 on CPU, something requiring a gradient, and a shape `wanted` would take for its qkv."""
-    if x.dim() != 3 or not eager_autograd() or torch.is_autocast_enabled("cpu"):
+    if x.dim() != 3 or not fp32_cpu_autograd(x, w_qkv, w_proj):
         return False
     if not (x.requires_grad or w_qkv.requires_grad or w_proj.requires_grad):
-        return False
-    f32 = torch.float32
-    if x.dtype is not f32 or w_qkv.dtype is not f32 or w_proj.dtype is not f32 or not (x.is_cpu and w_qkv.is_cpu):
         return False
     return _fits(x.shape[0], x.shape[1], w_qkv.shape[0], n_heads, n_kv_heads)
 

@@ -19,6 +19,13 @@ from llmkit.utils import eager_autograd
 NATIVE_NORMS = {LayerNorm: True, RMSNorm: False}  # norm module -> whether it centres (LayerNorm)
 
 
+def fp32_cpu_autograd(*tensors: torch.Tensor) -> bool:
+    """What every folded Function needs: eager autograd recording (not torch.compile or torch.func),
+    no autocast, and these tensors fp32 on the CPU."""
+    return (eager_autograd() and not torch.is_autocast_enabled("cpu")
+            and all(t.dtype is torch.float32 and t.is_cpu for t in tensors))
+
+
 def unhooked(*modules: nn.Module) -> bool:
     """Nothing that would have to see these modules run: no module or global hook, and no forward
     set on the instance (an ablation's patch)."""
@@ -105,8 +112,7 @@ def normed_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.
     or None where it does not apply (then the caller runs the modules): autograd recording
     outside autocast, llmkit's own modules without hooks, fp32 on CPU."""
     w = linear.weight
-    if (not eager_autograd() or torch.is_autocast_enabled("cpu") or not plain_linears(linear)
-            or not (x.requires_grad or w.requires_grad) or w.dtype is not torch.float32 or not w.is_cpu):
+    if not fp32_cpu_autograd(w) or not plain_linears(linear) or not (x.requires_grad or w.requires_grad):
         return None
     folded = prenorm(norm, x)
     return None if folded is None else _PrenormLinear.apply(x, *folded, w, linear.bias)

@@ -7,9 +7,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from llmkit import kernels
-from llmkit.nn.fused import input_grads, normed_rows, own_forward, plain_linears, prenorm, unhooked
+from llmkit.nn.fused import fp32_cpu_autograd, input_grads, normed_rows, own_forward, plain_linears, prenorm, unhooked
 from llmkit.nn.linear import Linear, linear_into
-from llmkit.utils import eager_autograd
 
 
 class _GeluMLPFunction(torch.autograd.Function):
@@ -124,8 +123,7 @@ class _FoldedMLP(nn.Module):
     def _function_applies(self, x: torch.Tensor) -> bool:
         """fp32 CPU training under eager autograd, with this class's own arithmetic: a subclass or
         instance that redefines `modules_forward` (another activation) runs that instead."""
-        return (x.dtype is torch.float32 and x.is_cpu and eager_autograd() and not torch.is_autocast_enabled("cpu")
-                and self.linears()[0].weight.dtype is torch.float32 and self._own_math()
+        return (fp32_cpu_autograd(x, self.linears()[0].weight) and self._own_math()
                 and plain_linears(*self.linears()))
 
     def _own_math(self) -> bool:
