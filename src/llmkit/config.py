@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
+from llmkit.nn.mlp import MLPS
+from llmkit.nn.norms import NORMS
+from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
 from llmkit.utils import atomic_write_text
-
-MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
-NORM_KINDS = ("layernorm", "rmsnorm")
-POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
 
 
 @dataclass
@@ -30,11 +29,11 @@ class ModelConfig:
     n_heads: int = 12
     n_kv_heads: int | None = None  # < n_heads: grouped-query; 1: multi-query; None: = n_heads
     head_dim: int | None = None  # None: d_model // n_heads
-    mlp: str = "gelu"  # one of MLP_KINDS
+    mlp: str = "gelu"  # a key of llmkit.nn.mlp.MLPS
     d_ff: int | None = None  # MLP hidden size; None: 4*d_model (gelu) or 8/3*d_model rounded (swiglu)
-    norm: str = "layernorm"  # one of NORM_KINDS
+    norm: str = "layernorm"  # a key of llmkit.nn.norms.NORMS
     norm_eps: float = 1e-5
-    position: str = "learned"  # one of POSITION_KINDS
+    position: str = "learned"  # a key of llmkit.nn.positions.POSITIONS
     rope_base: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # context extension (e.g. {"type": "llama3", ...})
     bias: bool = True  # biases on linear layers and norms
@@ -72,13 +71,17 @@ class ModelConfig:
                 f"config: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}: "
                 f"pick n_kv_heads from {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
             )
-        for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("position", POSITION_KINDS)):
+        for name, kinds in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
             if getattr(self, name) not in kinds:
                 raise UserError(f"config: unknown {name} {getattr(self, name)!r}: choose one of {', '.join(kinds)}")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"config: RoPE needs an even head_dim, got {self.head_dim}: change d_model or n_heads")
         if self.position == "sinusoidal" and self.d_model % 2:
             raise UserError(f"config: sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ROPE_SCALINGS:
+                raise UserError(f"config: unknown rope_scaling type {kind!r}: choose one of {', '.join(ROPE_SCALINGS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:

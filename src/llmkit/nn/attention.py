@@ -6,6 +6,8 @@ thing step by step and returns the attention weights, for inspection and as a re
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import torch
@@ -14,11 +16,13 @@ import torch.nn.functional as F
 
 from llmkit import kernels
 from llmkit.kernels import train_attention
-from llmkit.config import ModelConfig
 from llmkit.nn.fused import own_forward, plain_linears, prenorm, unhooked
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.positions import apply_rotary
+
+if TYPE_CHECKING:
+    from llmkit.config import ModelConfig
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

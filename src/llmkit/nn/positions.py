@@ -7,6 +7,8 @@ Additive kinds return a [*, T, d_model] tensor added to the token embeddings; th
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from typing import Any, Callable
 
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 
 from llmkit import kernels
-from llmkit.config import ModelConfig
+
+if TYPE_CHECKING:
+    from llmkit.config import ModelConfig
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
