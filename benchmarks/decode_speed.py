@@ -27,7 +27,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.interop import from_transformers
-from llmkit.kernels import hugepages
+from llmkit.accel import hugepages
 
 PROMPT, NEW, PREFILL = 32, 128, 512
 SECTION = "## Decode speed (llmkit.generation vs transformers generate)"
@@ -40,7 +40,7 @@ split each weight's rows over every core (MKL's sgemv reads at about one core's 
 small thread pool whose threads claim chunks from a shared counter, so the caller never waits for a
 thread that has not started (an OpenMP version fell to 1 token/s with one core busy elsewhere); the
 same pool runs the attention heads and the MLP activation. The weights move once into 2 MiB pages
-(`kernels/hugepages.py`), which a two-thread read streams ~1.1-1.2x faster than 4 KiB pages here:
+(`accel/hugepages.py`), which a two-thread read streams ~1.1-1.2x faster than 4 KiB pages here:
 the limit column uses the faster of the two measured bandwidths, so it is the stricter one. The
 last two columns run transformers with one thread, and with its weights in 2 MiB pages as well: it
 is not bandwidth-bound, so neither helps it.

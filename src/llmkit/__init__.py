@@ -1,6 +1,7 @@
 """llmkit: every idea of the modern language-model stack as a real, tested, composable PyTorch part."""
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import UserError
+import llmkit.accel  # noqa: F401,E402  (fills the fast-path seams; see llmkit/accel/__init__.py)
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "UserError", "load", "DecoderLM", "TrainConfig", "train", "generate"]

@@ -95,11 +95,17 @@ class ModelConfig:
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "llmkit", **dataclasses.asdict(self)}
+        """config.json's contents: llmkit's marker, the architecture (see llmkit.models.kinds), the fields."""
+        return {"model_type": "llmkit", "architecture": "decoder", **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = {k: v for k, v in d.items() if k != "model_type"}
+        """A decoder config from config.json's contents (no `architecture`: an old run, a decoder)."""
+        architecture = d.get("architecture", "decoder")
+        if architecture != "decoder":
+            raise UserError(f"config: architecture {architecture!r} is not a decoder: load it with "
+                            "llmkit.models.load_config (or llmkit.load), which picks each architecture's config")
+        d = {k: v for k, v in d.items() if k not in ("model_type", "architecture")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

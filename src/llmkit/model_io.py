@@ -1,7 +1,8 @@
 """A model directory: `config.json` + `model.safetensors` + the tokenizer's files.
 
-Only safe formats load by default (safetensors); pickled `.bin`/`.pt` weights need an explicit
-opt-in and then go through `torch.load(weights_only=True)`.
+The model class comes from config.json's `architecture` through `llmkit.models.kinds`, so every
+registered kind saves and loads here. Only safe formats load by default (safetensors); pickled
+`.bin`/`.pt` weights need an explicit opt-in and then go through `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmkit.config import ModelConfig
 from llmkit.errors import UserError
-from llmkit.models.decoder import DecoderLM
+from llmkit.models.kinds import (finish_loading, kind_of_config, load_config, save_config, tie_weights,
+                                 tied_parameters)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, each shared storage once (tied LM head is dropped; it is re-tied on load)."""
+    """Contiguous tensors, each shared storage once (a tied parameter, such as a decoder's tied LM
+    head, is dropped; it is re-tied on load)."""
+    tied = tied_parameters(model)
     out, seen = {}, set()
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen and name == "lm_head.weight":
+        if t.data_ptr() in seen and name in tied:
             continue
         seen.add(t.data_ptr())
         out[name] = t.detach().contiguous()
@@ -53,42 +56,45 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise UserError(f"cannot read weights {path}: {e}; the file is truncated or corrupt, restore it or re-save") from None
 
 
-def save_model(model: DecoderLM, directory: str | Path, tokenizer=None) -> Path:
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write weights, config.json (naming the model's architecture) and the tokenizer, if given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(state_dict_for_saving(model), directory / WEIGHTS)
-    model.cfg.save(directory / CONFIG)
+    save_config(model.cfg, directory / CONFIG)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               allow_pickle: bool = False) -> DecoderLM:
-    """Build the model from `config.json` and load its weights; strict about missing/extra tensors."""
+               allow_pickle: bool = False) -> torch.nn.Module:
+    """Build the model config.json's architecture names and load its weights; strict about
+    missing/extra tensors."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"model directory not found: {directory}: pass a run or model directory")
     if not (directory / CONFIG).is_file():
         raise UserError(f"{directory} holds no model (no {CONFIG}): pass a run directory written by `llmkit train`")
-    cfg = ModelConfig.load(directory / CONFIG)
+    cfg = load_config(directory / CONFIG)
+    kind = kind_of_config(cfg)
     state = _read_state(directory, allow_pickle)
     with torch.device("meta"):
-        model = DecoderLM(cfg)
+        model = kind.model_class(cfg)
     assign_weights(model, state, directory, assign=True)
-    _materialize_buffers(model, cfg)
+    finish_loading(model)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
 
 
-def assign_weights(model: DecoderLM, state: dict[str, torch.Tensor], source: str | Path, assign: bool = False) -> None:
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                   assign: bool = False) -> None:
     """Load `state` into `model`, refusing missing, extra or mis-shaped tensors with a clear error."""
-    state = dict(state)
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = _diff_keys(model, state)
+    tied = tied_parameters(model)
+    state = {k: v for k, v in state.items() if k not in tied}
+    missing, unexpected = _diff_keys(model, state, tied)
     if missing or unexpected:
         raise UserError(f"weights in {source} do not match the model config: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}; the files come from different models")
@@ -98,8 +104,7 @@ def assign_weights(model: DecoderLM, state: dict[str, torch.Tensor], source: str
             raise UserError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config implies "
                             f"{tuple(expected[name].shape)}: the weights and config come from different models")
     model.load_state_dict(state, strict=False, assign=assign)
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    tie_weights(model)
 
 
 def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -114,15 +119,7 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise UserError(f"{directory} has {CONFIG} but no {WEIGHTS}: the save was interrupted; restore the weights file")
 
 
-def _diff_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    expected = {k for k in model.state_dict() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+def _diff_keys(model: torch.nn.Module, state: dict, tied: dict[str, str]) -> tuple[list[str], list[str]]:
+    expected = {k for k in model.state_dict() if k not in tied}
     return sorted(expected - set(state)), sorted(set(state) - expected)
 
-
-def _materialize_buffers(model: DecoderLM, cfg: ModelConfig) -> None:
-    """Non-persistent buffers (RoPE tables, sinusoid tables) were built on the meta device: rebuild."""
-    fresh = type(model.pos)(cfg)
-    for name, buf in fresh.named_buffers():
-        setattr(model.pos, name, buf)
-    if hasattr(fresh, "_cache_len"):
-        model.pos._cache_len = fresh._cache_len

@@ -1,4 +1,4 @@
-"""Small helpers shared across layers: atomic writes, seeding, when hand-written autograd may run."""
+"""Small helpers shared across layers: atomic writes, seeding."""
 from __future__ import annotations
 
 import os
@@ -33,17 +33,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-try:
-    from torch._C._functorch import peek_interpreter_stack as _functorch_stack
-except ImportError:  # an older torch: no transforms to be inside of
-    def _functorch_stack() -> None:
-        return None
-
-
-def eager_autograd() -> bool:
-    """Whether a hand-written autograd.Function may stand in for a chain of PyTorch ops: autograd is
-    on, and neither torch.compile nor a torch.func transform (vmap, grad: per-sample gradients) is
-    tracing, since those must see every op."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _functorch_stack() is None

@@ -48,8 +48,7 @@ def test_cli_skip_bad_records_prints_the_count(tmp_path, small_tok, capsys):
 def test_llmkit_data_prepare_exits_2_on_bad_input(tmp_path, small_tok):
     from llmkit.cli.main import VERBS
 
-    if "data" not in VERBS:
-        pytest.skip("the 'data' verb is not wired into llmkit.cli.main yet")
+    assert "data" in VERBS
     bad = write(tmp_path / "a.jsonl", "{nope\n")
     r = subprocess.run([sys.executable, "-m", "llmkit", "data", "prepare", str(bad), "--tokenizer", str(small_tok),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)

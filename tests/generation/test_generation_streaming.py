@@ -37,6 +37,18 @@ class ScriptedLM(nn.Module):
         return logits
 
 
+def earliest_pieces(tok, ids: list[int]) -> list[str]:
+    """The pieces a streamer that holds nothing back longer than needed emits: after each token, the
+    new whole characters of the decoded text (a trailing partial UTF-8 sequence decodes to U+FFFD)."""
+    out, done = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k]).rstrip("\ufffd")
+        if len(text) > len(done):
+            out.append(text[len(done):])
+            done = text
+    return out
+
+
 def test_byte_level_bpe_really_splits_these_characters(gpt2_tokenizer):
     ids = gpt2_tokenizer.encode(TEXT)
     assert any("\ufffd" in gpt2_tokenizer.decode([i]) for i in ids)
@@ -44,9 +56,12 @@ def test_byte_level_bpe_really_splits_these_characters(gpt2_tokenizer):
 
 def test_streamed_pieces_hold_only_whole_characters_and_reassemble(gpt2_tokenizer):
     streamer = TextStreamer(gpt2_tokenizer)
-    pieces = [streamer.put(t) for t in gpt2_tokenizer.encode(TEXT)] + [streamer.finish()]
+    ids = gpt2_tokenizer.encode(TEXT)
+    pieces = [streamer.put(t) for t in ids] + [streamer.finish()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == TEXT
+    # each character as soon as its last byte arrives: not buffered until the end
+    assert [p for p in pieces if p] == earliest_pieces(gpt2_tokenizer, ids)
 
 
 def test_stream_from_a_model_reassembles_to_generate(gpt2_tokenizer):
@@ -54,7 +69,7 @@ def test_stream_from_a_model_reassembles_to_generate(gpt2_tokenizer):
     model = ScriptedLM(tok.encode(TEXT), tok.vocab_size, tok.eos_id)
     cfg = GenerationConfig(max_new_tokens=200, temperature=0.0)
     pieces = list(stream(model, tok, "Weather:", cfg))
-    assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces)
+    assert pieces == earliest_pieces(tok, tok.encode(TEXT)) and len(pieces) > 20
     assert "".join(pieces) == TEXT == generate(model, tok, "Weather:", cfg)
 
 

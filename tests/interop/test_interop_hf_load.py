@@ -1,6 +1,7 @@
 """Hugging Face checkpoints load into llmkit and compute what transformers computes."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -68,8 +69,10 @@ def test_sharded_checkpoint_without_index_loads_by_scanning_files(sharded_llama,
 
 def test_bf16_checkpoint_loads_in_bf16_and_casts_to_fp32_on_request(hf_models, tmp_path):
     d = tmp_path / "bf16"
-    hf_models["llama"].to(torch.bfloat16).save_pretrained(d)
-    hf_models["llama"].float()
+    # a copy: .to() is in place on the session's shared model, and bf16 -> fp32 would not restore its
+    # weights (every later comparison against hf_models["llama"] would then see rounded weights)
+    copy.deepcopy(hf_models["llama"]).to(torch.bfloat16).save_pretrained(d)
+    assert hf_models["llama"].model.embed_tokens.weight.dtype == torch.float32
     assert load_hf(d).tok_emb.weight.dtype == torch.bfloat16
     fp32 = load_hf(d, dtype="fp32")
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}

@@ -25,7 +25,9 @@ def trained(shakespeare_slice) -> dict[str, HFTokenizer]:
 def test_trained_vocab_size_is_at_most_requested(trained, kind):
     tok = trained[kind]
     assert tok.vocab_size <= 800
-    assert tok.vocab_size >= 700 if kind != "wordpiece" else tok.vocab_size > 300
+    # 150k characters are enough to fill 800 entries: BPE and WordPiece do exactly, Unigram's pruning
+    # may stop a little short (a trainer ignoring vocab_size, or stopping at the alphabet, fails)
+    assert tok.vocab_size == 800 if kind != "unigram" else tok.vocab_size >= 760
 
 
 def test_bpe_vocab_size_is_exactly_requested(trained):

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.api import load
     from llmkit.generation.generate import stream_ids
 
-    lm = load(args.run_dir, device=args.device, dtype=args.dtype)
-    model, tok = lm.model.eval(), lm.tokenizer
+    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tok = lm.model.eval(), lm.require_tokenizer()
     cfg = decoding_settings(args)
     stops, stop_ids = turn_stops(tok)
     cfg.stop = cfg.stop + stops

@@ -16,6 +16,8 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=int, default=[],
                    help="stop token id besides EOS; repeat for several (default: none)")
     p.add_argument("--draft", default=None, help="draft model directory: speculative decoding (default: none)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or folder (default: the one in the model directory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
     add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids"))
@@ -51,15 +53,16 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.api import load
     from llmkit.generation.generate import stream
 
-    lm = load(args.run_dir, device=args.device, dtype=args.dtype)
+    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    tok = lm.require_tokenizer()
     cfg = decoding_settings(args)
     draft = load_draft(args)
     prompt = args.prompt
-    if not prompt and lm.tokenizer.bos_id is None:
+    if not prompt and tok.bos_id is None:
         prompt = "\n"
     out = sys.stdout
     out.write(args.prompt)
-    for piece in stream(lm.model.eval(), lm.tokenizer, prompt, cfg, draft=draft):
+    for piece in stream(lm.model.eval(), tok, prompt, cfg, draft=draft):
         out.write(piece)
         out.flush()
     out.write("\n")

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from llmkit.generation.decode_loop import model_device, prefill, step, stop_ids_of
 from llmkit.generation.sampling import History, build_processors
 
 NEG = -1.0e9  # "impossible" score, finite so that sums stay ordered
@@ -65,8 +66,6 @@ def can_still_improve(pool: FinishedPool, best_running: float, length: int, leng
 def beam_search(model, prompt_ids: Sequence[int], cfg, eos_id: int | None = None) -> BeamResult:
     """Beam search over one prompt; `cfg` is a GenerationConfig (num_beams, length_penalty,
     early_stopping, max_new_tokens, stop_token_ids, penalties). Sampling settings are ignored."""
-    from llmkit.generation.generate import model_device, prefill, step, stop_ids_of
-
     nb = cfg.num_beams
     device = model_device(model)
     stop_ids = stop_ids_of(cfg, eos_id)

@@ -6,16 +6,18 @@ text and honour stop strings.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from llmkit import kernels
+import llmkit.generation.sampling as sampling
 from llmkit.errors import UserError
-from llmkit.generation import sampling
+from llmkit.generation.beam import beam_search
+from llmkit.generation.decode_loop import (check_model, check_prompt, decode_threads, make_generator, model_device,
+                                          prefill, prepare, step, stop_ids_of)
 from llmkit.generation.sampling import History, build_processors
+from llmkit.generation.speculative import speculative_tokens
 from llmkit.generation.streaming import TextStreamer, cut_at_stop
 
 
@@ -59,68 +61,6 @@ class GenerationConfig:
         return self.temperature == 0.0
 
 
-# --- shared helpers ----------------------------------------------------------------------------------
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-
-def stop_ids_of(cfg: GenerationConfig, eos_id: int | None) -> set[int]:
-    return set(cfg.stop_token_ids) | ({eos_id} if eos_id is not None else set())
-
-
-# Intra-op CPU threads for one-token decode steps (None: leave torch's setting). At batch 1 every
-# matmul is a matrix-vector product bound by memory bandwidth: MKL's GEMV gains little from extra
-# threads here, while OpenMP barriers cost whole scheduler slices whenever a core is busy with
-# another process (measured on the 2-core benchmark machine: 20-22 vs 7-8 tokens/s under load).
-# Prefill, whose matmuls are large, always runs with torch's setting.
-DECODE_THREADS: int | None = 1
-
-
-@contextmanager
-def decode_threads(device: torch.device):
-    """Run the enclosed one-token step with DECODE_THREADS CPU threads, then restore."""
-    before = torch.get_num_threads()
-    if device.type != "cpu" or DECODE_THREADS is None or DECODE_THREADS == before:
-        yield
-        return
-    torch.set_num_threads(DECODE_THREADS)
-    try:
-        with kernels.threads(before):  # the native matrix-vector kernel still uses every core
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def step(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
-    """One decode step: tokens [B, 1] -> next-token logits [B, V] through the KV cache."""
-    with decode_threads(tokens.device):
-        return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
-
-
-def prefill(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
-    """Run the prompt [B, S] through the model into the cache; logits of the last position [B, V]."""
-    return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
-
-
-def prepare(model) -> None:
-    """Give the model its decode-friendly weight layout once, if it has one (see DecoderLM)."""
-    if model is not None and hasattr(model, "use_decode_layout"):
-        model.use_decode_layout()
-
-
-def check_prompt(model, prompt_ids: Sequence[int]) -> None:
-    ctx = model.cfg.context_length
-    if not prompt_ids:
-        raise UserError("empty prompt: give at least one token of text (or a tokenizer with a BOS token)")
-    if len(prompt_ids) > ctx:
-        raise UserError(f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx}: shorten the prompt")
-
-
 # --- sampling / greedy, one sequence -----------------------------------------------------------------
 
 def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_id: int | None = None,
@@ -138,7 +78,7 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
     cache = model.make_cache(1, ctx)
     logits = prefill(model, prompt, cache)
     for n in range(cfg.max_new_tokens):
-        with decode_threads(device):  # one-row sampling: no OpenMP region (see DECODE_THREADS)
+        with decode_threads(device):  # one-row sampling: no OpenMP region (see decode_loop.DECODE_THREADS)
             nxt = sampling.sample(process(logits.float(), history), 0.0 if cfg.greedy else 1.0, generator)
         token = int(nxt)
         yield token
@@ -155,14 +95,10 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
 
 
 def _beam(model, prompt_ids, cfg, eos_id=None, draft=None) -> Iterator[int]:
-    from llmkit.generation.beam import beam_search
-
     yield from beam_search(model, prompt_ids, cfg, eos_id).tokens
 
 
 def _speculative(model, prompt_ids, cfg, eos_id=None, draft=None) -> Iterator[int]:
-    from llmkit.generation.speculative import speculative_tokens
-
     yield from speculative_tokens(model, draft, prompt_ids, cfg, eos_id)
 
 
@@ -182,6 +118,9 @@ def generate_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig | No
     `draft`: a small model with the same vocabulary -> speculative decoding."""
     cfg = cfg or GenerationConfig()
     cfg.validate()
+    for m in (model, draft):
+        if m is not None:
+            check_model(m)
     check_prompt(model, prompt_ids)
     for m in (model, draft):
         prepare(m)
@@ -214,6 +153,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
     cfg.validate()
     if not prompts:
         return []
+    check_model(model)
     for p in prompts:
         check_prompt(model, p)
     prepare(model)

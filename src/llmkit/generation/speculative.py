@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from llmkit.errors import UserError
+from llmkit.generation.decode_loop import decode_threads, make_generator, model_device, stop_ids_of
 from llmkit.generation.sampling import History, build_processors, probabilities
 
 
@@ -59,8 +60,6 @@ def _distributions(logits: torch.Tensor, tokens: Sequence[int], history: History
 def speculative_tokens(target, draft, prompt_ids: Sequence[int], cfg, eos_id: int | None = None) -> Iterator[int]:
     """Yield the target model's tokens, produced k + 1 at a time at best. Stops at a stop token, after
     max_new_tokens, or when the target's context is full (no sliding here)."""
-    from llmkit.generation.generate import decode_threads, make_generator, model_device, stop_ids_of
-
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise UserError(f"draft model vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                         f"({target.cfg.vocab_size}): use a draft trained with the same tokenizer")

@@ -16,10 +16,10 @@ import torch
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import parse_dtype
 from llmkit.interop.families import family_for_export
-from llmkit.interop.hf import export_hf, is_hf_dir, load_hf
+from llmkit.interop.hf import check_exportable, export_hf, is_hf_dir, load_hf
 from llmkit.interop.llama2c import load_llama2c
 from llmkit.model_io import load_model, save_model
-from llmkit.models.decoder import DecoderLM
+from llmkit.models.kinds import num_params
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 
 FORMATS = ("llmkit", "hf", "llama2c")
@@ -43,15 +43,15 @@ def detect_format(path: str | Path) -> str:
     return "hf" if is_hf_dir(path) else "llmkit"
 
 
-LOADERS: dict[str, Callable[[Path, torch.dtype | None], DecoderLM]] = {
+LOADERS: dict[str, Callable[[Path, torch.dtype | None], torch.nn.Module]] = {
     "llmkit": lambda p, dtype: load_model(p, dtype=dtype),
     "hf": lambda p, dtype: load_hf(p, dtype=dtype),
     "llama2c": lambda p, dtype: load_llama2c(p, dtype=dtype),
 }
 
 
-def load_any(path: str | Path, dtype: str | torch.dtype | None = None) -> DecoderLM:
-    """A model from any format llmkit reads."""
+def load_any(path: str | Path, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+    """A model from any format llmkit reads (an llmkit directory: of any registered kind)."""
     return LOADERS[detect_format(path)](Path(path), parse_dtype(dtype))
 
 
@@ -92,6 +92,8 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
     _prepare_out(out, force)
     fmt = detect_format(src)
     model = load_any(src, dtype)
+    if to == "hf":
+        check_exportable(model)
     tok = find_tokenizer(src, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -106,7 +108,7 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Converted(out, fmt, to, written_family, model.num_params(), tok is not None)
+    return Converted(out, fmt, to, written_family, num_params(model), tok is not None)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

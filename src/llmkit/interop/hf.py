@@ -28,6 +28,7 @@ from llmkit.interop.dtypes import SAFETENSORS_DTYPES, check_runnable, parse_dtyp
 from llmkit.interop.families import TRANSFORMS, Family, Rule, family_for_export, family_of
 from llmkit.model_io import save_weights, state_dict_for_saving
 from llmkit.models.decoder import DecoderLM
+from llmkit.models.kinds import build_model, kind_of_model, tie_weights
 from llmkit.utils import atomic_write_text
 
 CONFIG = "config.json"
@@ -297,7 +298,7 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     cfg = family.to_llmkit(config)
     wanted = parse_dtype(dtype)
     with _skipping_init():
-        model = DecoderLM(cfg)
+        model = build_model(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
     with open_checkpoint(directory, family) as ckpt:
@@ -308,8 +309,7 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:  # a gap in the family's table: our bug
         raise RuntimeError(f"conversion table incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    tie_weights(model)
     return model.to(device=device, dtype=target).eval()
 
 
@@ -327,10 +327,20 @@ def from_transformers(hf_model: torch.nn.Module) -> DecoderLM:
         return model
 
 
+def check_exportable(model: torch.nn.Module) -> None:
+    """UserError unless `model` is a decoder: the family tables describe decoders only."""
+    kind = kind_of_model(model)
+    if kind is None or not issubclass(kind.model_class, DecoderLM):
+        name = kind.name if kind is not None else type(model).__name__
+        raise UserError(f"Hugging Face export covers decoder models only, not {name!r}: "
+                        "save it as an llmkit directory instead (--to llmkit)")
+
+
 def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", family: str | None = None,
               dtype: str | torch.dtype | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face directory of `family` (default: the one
-    whose shape fits; UserError when none does)."""
+    whose shape fits; UserError when none does). Decoders only: the families are decoder tables."""
+    check_exportable(model)
     cfg = model.cfg
     fam = family_for_export(cfg, family)
     wanted = parse_dtype(dtype)
@@ -350,4 +360,4 @@ def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", famil
     return out
 
 
-__all__ = ["load_hf", "export_hf", "config_from_hf", "is_hf_dir", "read_config"]
+__all__ = ["load_hf", "export_hf", "check_exportable", "config_from_hf", "is_hf_dir", "read_config"]

@@ -18,6 +18,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
+from llmkit.models.kinds import build_model
 
 HEADER = struct.Struct("<7i")
 MAGIC = 0x616B3432  # "ak42": the versioned llama2.c export, not read here
@@ -117,7 +118,7 @@ def load_llama2c(path: str | Path, dtype: torch.dtype | None = None) -> DecoderL
         state.update({name.replace("{i}", str(i)): recipe(arrays, i, cfg) for name, recipe in RECIPES.items()})
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = arrays["wcls"]
-    model = DecoderLM(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # a gap in RECIPES: our bug, not the user's
         raise RuntimeError(f"llama2.c recipes incomplete: missing {missing}, unexpected {unexpected}")

@@ -1,5 +1,6 @@
-"""Native CPU kernels for batch-1 decoding, built on first use (see `build.py`); PyTorch's kernels
-are the fallback everywhere.
+"""Bindings for the native CPU kernels (C sources in this folder, built on first use by
+`build.py`). This package imports nothing else from llmkit: `llmkit.accel` decides where a kernel
+stands in for PyTorch; PyTorch's kernels are the fallback everywhere.
 
 `linear` runs a matrix-vector product that reads the weight once with every core, where MKL's sgemv
 reaches about one core's bandwidth. `rms_norm`, `rope` and `decode_attention` replace PyTorch
@@ -18,7 +19,6 @@ from typing import Any, Iterator
 import torch
 
 from llmkit.kernels import build
-from llmkit.kernels.hugepages import place_in_huge_pages  # noqa: F401  (re-exported)
 
 MAX_ROWS = 8  # rows one call takes (gemv.c's MAX_ROWS)
 _F32 = torch.float32
@@ -260,8 +260,8 @@ def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
                              weight_decay)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(d)) v for one query position, as [1, 1, H * d] (the layout the output
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
+    """softmax(scale q k^T) v (scale None: 1 / sqrt(d)) for one query position, as [1, 1, H * d] (the layout the output
     projection takes), or None. q [1, H, 1, d]; k, v [1, KV, S, d] with rows of d contiguous floats
     (slices of the KV cache); every cached position is visible (no mask, no window)."""
     fn = _fns["llmkit_decode_attention"] if "llmkit_decode_attention" in _fns else _resolve("llmkit_decode_attention")
@@ -276,7 +276,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     out = _empty(1, 1, H * d)
     scores = _empty(S)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, KV, S, d, k.stride(1),
-       d ** -0.5)
+       d ** -0.5 if scale is None else scale)
     return out
 
 

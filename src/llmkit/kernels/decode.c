@@ -10,7 +10,7 @@
  * What it covers is what `llmkit.config.ModelConfig` describes: LayerNorm (with or without bias)
  * or RMSNorm; fused QKV with optional biases; grouped-query attention over the static KV cache with
  * an optional sliding window; rotate-half RoPE with cos/sin given for the position; GELU (exact or
- * tanh) or SwiGLU MLP. The Python side (llmkit.models.native_step) builds the table of pointers and
+ * tanh) or SwiGLU MLP. The Python side (llmkit.accel.decode_step) builds the table of pointers and
  * declines anything else, which then runs through PyTorch.
  */
 #include <math.h>

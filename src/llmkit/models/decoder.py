@@ -1,6 +1,10 @@
 """The decoder-only language model (GPT-2 / LLaMA family): token embeddings -> N pre-norm blocks
 (attention + MLP, each with a residual) -> final norm -> LM head. Every variant is chosen by
-`ModelConfig` fields through the registries in `llmkit.nn`; nothing forks the model."""
+`ModelConfig` fields through the registries in `llmkit.nn`; nothing forks the model.
+
+Fast paths (llmkit.accel) stand in at the seams only: each block's two sublayers and the final norm
+with the LM head (`llmkit.nn.seams`), the attention core, and here the one-token decoding step
+(`DECODE_STEPS`) and the weight layout for decoding (`DECODE_LAYOUTS`), each keyed by exact class."""
 from __future__ import annotations
 
 import math
@@ -8,17 +12,22 @@ import math
 import torch
 from torch import nn
 
-from llmkit import kernels
+from typing import Callable
+
 from llmkit.config import ModelConfig
+from llmkit.nn import seams
 from llmkit.nn.attention import Attention
-from llmkit.nn.fused import normed_linear
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.masks import causal_mask, combine, padding_mask
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
-from llmkit.models.native_step import native_step
+
+# model class -> fast path for one new token of one sequence through a KV cache: run(model, idx, cache)
+DECODE_STEPS: dict[type, seams.FastPath] = {}
+# model class -> a function placing the weights for decoding (same values, shapes, state dict)
+DECODE_LAYOUTS: dict[type, Callable[[nn.Module], None]] = {}
 
 
 class Block(nn.Module):
@@ -32,16 +41,8 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = _residual(self.attn, self.norm1, x, rope, mask, cache)
-        return _residual(self.mlp, self.norm2, x)
-
-
-def _residual(module: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-    """x + module(norm(x), *args); in training, through the module's `residual` (the norm and the
-    add folded into its native autograd Function) where it has one that applies."""
-    fused = getattr(type(module), "residual", None)  # the class's: a wrapper forwarding attributes has none
-    y = fused(module, norm, x, *args) if fused is not None else None
-    return x + module(norm(x), *args) if y is None else y
+        x = seams.sublayer(self.attn, self.norm1, x, rope=rope, mask=mask, cache=cache)
+        return seams.sublayer(self.mlp, self.norm2, x)
 
 
 class DecoderLM(nn.Module):
@@ -86,20 +87,17 @@ class DecoderLM(nn.Module):
         """
         B, T = idx.shape
         offset = cache.pos if cache is not None else 0
+        if T == 1 and cache is not None and attention_mask is None and position_ids is None:
+            path = DECODE_STEPS.get(type(self))  # one new token: a fast path may run the whole model
+            if path is not None and path.accepts(self):
+                logits = path.run(self, idx, cache)
+                if logits is not None:
+                    return logits
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=idx.device)
             max_pos = offset + T
         else:
             max_pos = None
-        if T == 1 and B == 1 and cache is not None and attention_mask is None and max_pos is not None \
-                and offset < cache.max_len and not torch.is_grad_enabled():
-            step = native_step(self, cache)  # one token of one sequence: the whole model in one C call
-            if step is not None:
-                where = self.pos(position_ids, max_pos) if self.pos.additive or self.pos.rotary else None
-                cos, sin = where if self.pos.rotary else (None, None)
-                logits = step(int(idx), offset, where if self.pos.additive else None, cos, sin)
-                cache.advance(1)
-                return logits
         x = self.tok_emb(idx)
         rope = None
         if self.pos.additive:
@@ -114,8 +112,7 @@ class DecoderLM(nn.Module):
             cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = normed_linear(self.norm, self.lm_head, x)  # training: one Function with the native norm
-        return self.lm_head(self.norm(x)) if logits is None else logits
+        return seams.normed_head(self.norm, self.lm_head, x)
 
     def _mask(self, T: int, offset: int, attention_mask: torch.Tensor | None,
               device: torch.device) -> torch.Tensor | None:
@@ -133,27 +130,13 @@ class DecoderLM(nn.Module):
         return mask
 
     def use_decode_layout(self) -> "DecoderLM":
-        """Place the weights for batch-1 decoding on CPU, once (generation calls this).
-
-        At batch 1 every linear layer is a matrix-vector product bound by reading its weight.
-        With the native kernels (llmkit.kernels) the weights move into 2 MiB pages, which the
-        kernel streams ~1.2x faster than 4 KiB ones (kernels/hugepages.py). Without them, every
-        linear layer with more outputs than inputs is stored column-major, which MKL's sgemv streams
-        about 1.25x faster than [out, in] (measured with benchmarks/decode_speed.py). Either way the
-        values and the [out, in] shape stay the same, so forward results, saving (which makes
-        tensors contiguous) and loading see no difference. A tied LM head moves with the embedding.
-        """
-        if getattr(self, "_decode_layout", False) or self.tok_emb.weight.device.type != "cpu":
-            return self
-        with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train later
-            if kernels.available():
-                kernels.place_in_huge_pages(self)
-            else:
-                for module in self.modules():
-                    w = getattr(module, "weight", None)
-                    if isinstance(module, nn.Linear) and w.shape[0] > w.shape[1] and w.stride(0) != 1:
-                        w.data = w.data.t().contiguous().t()
-        self._decode_layout = True
+        """Place the weights for decoding, once (generation calls this): a fast path registered in
+        `DECODE_LAYOUTS` may move them (values, shapes and state dict stay the same)."""
+        layout = DECODE_LAYOUTS.get(type(self))
+        if layout is not None and not getattr(self, "_decode_layout", False):
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train later
+                layout(self)
+            self._decode_layout = True
         return self
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

@@ -17,7 +17,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.pos = 0  # number of positions filled (same for all layers)
-        self.native = None  # (model, key, native step or None), see llmkit.models.native_step
+        self.native = None  # (model, key, native step or None), see llmkit.accel.decode_step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, KV, T, d] at positions pos..pos+T; return the whole filled prefix."""

@@ -7,15 +7,13 @@ Additive kinds return a [*, T, d_model] tensor added to the token embeddings; th
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from llmkit import kernels
+from llmkit.errors import UserError
 
 if TYPE_CHECKING:
     from llmkit.config import ModelConfig
@@ -93,10 +91,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + d/2) of x [B, H, T, d] by position-dependent angles [B, 1, T, d]."""
-    if x.shape[2] == 1:  # a decoding step's single position: the native kernel
-        y = kernels.rope(x, cos, sin)
-        if y is not None:
-            return y
     return x * cos + rotate_half(x) * sin
 
 
@@ -110,7 +104,6 @@ class RotaryPositions(nn.Module):
             scaling = dict(cfg.rope_scaling)
             kind = scaling.pop("type", scaling.pop("rope_type", None))
             if kind not in ROPE_SCALINGS:
-                from llmkit.errors import UserError
                 raise UserError(f"config: unknown rope_scaling type {kind!r}: choose one of {sorted(ROPE_SCALINGS)}")
             inv_freq = ROPE_SCALINGS[kind](inv_freq, **scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)

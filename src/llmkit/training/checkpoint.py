@@ -17,6 +17,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.model_io import load_weights, save_weights, state_dict_for_saving
+from llmkit.models.kinds import save_config
 
 STATE = "trainer_state.pt"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -34,7 +35,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_weights(state_dict_for_saving(model), tmp / "model.safetensors")
-    model.cfg.save(tmp / "config.json")
+    save_config(model.cfg, tmp / "config.json")
     _test_pause(step)
     torch.save(state, tmp / STATE)
     if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole

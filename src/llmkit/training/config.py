@@ -21,6 +21,7 @@ def opt(default: Any, help: str) -> Any:
 class TrainConfig:
     data: str | None = opt(None, "text file or folder of .txt/.md files to train on")
     out: str = opt("runs/run", "run directory: model, tokenizer, checkpoints, metrics")
+    task: str = opt("causal-lm", "training task: objective and data (a key of llmkit.objectives.TASKS: causal-lm)")
     preset: str = opt("baby-gpt", "model preset (see `llmkit presets`)")
     model: dict = opt(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
     n_layers: int | None = opt(None, "override the preset's number of layers")
@@ -73,6 +74,10 @@ class TrainConfig:
             raise UserError(f"unknown dtype {self.dtype!r}: choose auto, fp32, bf16 or fp16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown device {self.device!r}: choose auto, cpu or cuda")
+        from llmkit.objectives import TASKS  # here, not at the top: `llmkit --help` imports no torch
+
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(sorted(TASKS))}")
 
     def model_overrides(self) -> dict[str, Any]:
         out = dict(self.model or {})

@@ -1,25 +1,26 @@
-"""The causal-LM training loop, readable top to bottom. Model, optimizer and data come from the
-small `build_*` functions, so a sharding strategy (FSDP) or another objective swaps one builder."""
+"""The training loop, readable top to bottom: set up, resume, then each step: train, log, evaluate
+(keep the best model, stop early), checkpoint. What is learnt from which batches is the run's
+`Task` (`llmkit.objectives`, chosen by `TrainConfig.task`): the loop knows no loss and no data format.
+
+Exactness rules the parts keep: batches are a pure function of (seed, step, micro-step, rank) and
+dropout is reseeded from (seed, step, rank) every step, so a resumed run (and a DDP run) needs no
+saved RNG or sampler state to repeat the uninterrupted one bit for bit.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-from llmkit.config import ModelConfig
-from llmkit.data.prepared import check_vocab, is_prepared, open_prepared
-from llmkit.data.text import fingerprint, read_corpus, text_files
-from llmkit.data.tokens import TokenArray, WindowSampler, read_tokens, train_val_split, write_tokens
 from llmkit.errors import UserError
 from llmkit.model_io import assign_weights, save_model
-from llmkit.models.decoder import DecoderLM
-from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+from llmkit.objectives import TASKS, Task
+from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.training import distributed as D
 from llmkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from llmkit.training.config import TrainConfig
@@ -27,11 +28,17 @@ from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
 from llmkit.training.optim import build_optimizer, clip_grad_norm_
 from llmkit.training.schedules import warmup_cosine
 
+# the builders live with the tasks now; they stay importable from here
+__all__ = ["TrainResult", "train", "evaluate", "resolve_device", "build_tokenizer", "build_tokens",
+           "build_model", "build_model_config"]
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainResult:
+    """What `train` returns: where the run is, how far it got and its last/best losses."""
+
     run_dir: Path
     steps: int
     train_loss: float | None
@@ -41,9 +48,129 @@ class TrainResult:
     tokens_per_second: float
 
 
-# --- builders ---------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """The run's counters; every checkpoint saves them, so a resumed run continues where it was."""
+
+    step: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
+    tokens_seen: int = 0
+
+
+class LogWindow:
+    """What the next train log line averages: the summed step losses and task metrics since the
+    last line (kept on the device: no sync per step), and the steps and time since then (throughput).
+    The sums go into checkpoints, so a resumed run logs the same means as an uninterrupted one."""
+
+    def __init__(self, device: torch.device, loss: float = 0.0, metrics: dict[str, float] | None = None) -> None:
+        self.device = device
+        self.loss = torch.tensor(loss, device=device)
+        self.metrics = {k: torch.tensor(v, device=device) for k, v in (metrics or {}).items()}
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start timing a new window."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        """Count one optimizer step's loss and metrics."""
+        self.steps += 1
+        self.loss += loss
+        for name, value in metrics.items():
+            self.metrics[name] = self.metrics[name] + value if name in self.metrics else value.clone()
+
+    def take(self, steps: int, env: D.DistEnv, tokens_per_step: int) -> tuple[float, dict[str, float], float]:
+        """(mean loss, mean metrics over `steps` steps and all ranks, tokens/s), then empty the window."""
+        loss = D.mean_across(self.loss / steps, env).item()
+        self.loss.zero_()
+        metrics = {name: D.mean_across(value / steps, env).item() for name, value in sorted(self.metrics.items())}
+        self.metrics = {}
+        tps = tokens_per_step * self.steps / max(time.perf_counter() - self.start, 1e-9)
+        self.restart_clock()
+        return loss, metrics, tps
+
+    def state(self) -> dict[str, Any]:
+        """The sums, for a checkpoint."""
+        return {"loss_window": float(self.loss), "metrics_window": {k: float(v) for k, v in self.metrics.items()}}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; the parts below read and update it."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    task: Task
+    raw_model: torch.nn.Module  # the model itself: what is saved and clipped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    window: LogWindow
+    progress: Progress = field(default_factory=Progress)
+    resumed: bool = False
+    # set by `start`:
+    model: torch.nn.Module | None = None  # raw_model, compiled and/or DDP-wrapped: what runs forward
+    autocast: Any = None
+    tokens_per_step: int = 0
+    flops_per_token: float = 0.0
+    peak: float = 1.0
+    log: MetricsLog | None = None  # rank 0 only
+    bar: Any = None
+    # results so far
+    last_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_second: float = 0.0
+    stopped_early: bool = False
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = ()) -> TrainResult:
+    """Train `cfg.task` until `max_steps` or early stop; `callbacks(step, record)` run after each step."""
+    run = set_up(cfg)
+    resume(run)
+    start(run)
+    try:
+        while run.progress.step < cfg.max_steps:
+            lr = train_step(run)
+            record = log_step(run, lr)
+            stop = evaluate_and_keep_best(run)
+            checkpoint_if_due(run, stopping=stop)
+            for cb in callbacks:
+                cb(run.progress.step, record)
+            if stop:
+                stop_early(run)
+                break
+    except KeyboardInterrupt:
+        save_on_interrupt(run)
+        raise
+    return finish(run)
+
+
+# --- set-up -----------------------------------------------------------------------------------
+
+def set_up(cfg: TrainConfig) -> Run:
+    """Check the options, start the processes, make the task's data ready, build model and optimizer."""
+    cfg.validate()
+    task = TASKS[cfg.task](cfg)
+    device, dtype = resolve_device(cfg)
+    env = D.init_distributed(device.type)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    run_dir = Path(cfg.out)
+    _check_run_dir(cfg, run_dir)
+    prepare_data(task, cfg, env, run_dir)
+    raw_model = task.build_model(device)
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Run(cfg, env, device, dtype, run_dir, task, raw_model, optimizer, scaler, LogWindow(device))
+
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype the options ask for (`auto`: a CUDA GPU and bf16 when there is one)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -56,220 +183,8 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def build_tokenizer(cfg: TrainConfig, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer (resume), the one prepared data was made with, or one trained on the data."""
-    if cfg.resume or _has_tokenizer(run_dir):
-        return load_tokenizer(run_dir)
-    if is_prepared(cfg.data):
-        tok = load_tokenizer(cfg.data)
-    elif cfg.tokenizer == "char":
-        from llmkit.tokenizers.char import CharTokenizer
-        tok = CharTokenizer.train(read_corpus(cfg.data))
-    else:
-        from llmkit.tokenizers.train import train_tokenizer
-        tok = train_tokenizer("bpe", files=[str(p) for p in text_files(cfg.data)], vocab_size=cfg.vocab_size)
-    tok.save(run_dir)
-    return tok
-
-
-def _has_tokenizer(run_dir: Path) -> bool:
-    try:
-        load_tokenizer(run_dir)
-        return True
-    except UserError:
-        return False
-
-
-def build_tokens(cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer) -> TokenArray:
-    """Prepared shards are read in place (constant memory); raw text is tokenized once into a
-    cached memmap that later runs and resumes reuse."""
-    if is_prepared(cfg.data):
-        tokens = open_prepared(cfg.data)
-        check_vocab(int(tokens.index["vocab_size"]), tokenizer.vocab_size)
-        return tokens
-    cache = run_dir / "cache" / f"tokens-{fingerprint(cfg.data)}-{tokenizer.kind}-{tokenizer.vocab_size}.bin"
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        ids = tokenizer.encode(read_corpus(cfg.data))
-        write_tokens(cache, ids, tokenizer.vocab_size)
-    return read_tokens(cache)
-
-
-def build_model(model_cfg: ModelConfig, seed: int, device: torch.device) -> DecoderLM:
-    torch.manual_seed(seed)
-    return DecoderLM(model_cfg).to(device)
-
-
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    return ModelConfig.from_preset(cfg.preset, **{**cfg.model_overrides(), "vocab_size": vocab_size})
-
-
-# --- the loop ---------------------------------------------------------------------------------
-
-def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = ()) -> TrainResult:
-    cfg.validate()
-    if cfg.data is None and not cfg.resume:
-        raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
-    device, dtype = resolve_device(cfg)
-    env = D.init_distributed(device.type)
-    if env.enabled and device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-    run_dir = Path(cfg.out)
-    _check_run_dir(cfg, run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = build_tokenizer(cfg, run_dir)
-        tokens = build_tokens(cfg, run_dir, tokenizer)
-        cfg.save(run_dir / "train_config.json")
-    D.barrier(env)
-    if not env.is_main:
-        tokenizer = load_tokenizer(run_dir)
-        tokens = build_tokens(cfg, run_dir, tokenizer)
-
-    model_cfg = build_model_config(cfg, tokenizer.vocab_size)
-    train_tokens, val_tokens = train_val_split(tokens, cfg.val_fraction, model_cfg.context_length)
-    train_data = WindowSampler(train_tokens, model_cfg.context_length, cfg.seed)
-    val_data = WindowSampler(val_tokens, model_cfg.context_length, cfg.seed) if cfg.val_fraction > 0 else None
-
-    raw_model = build_model(model_cfg, cfg.seed, device)
-    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # loss_window: summed step losses since the last log line, so a resumed run logs the same means
-    state = {"step": 0, "best_val": math.inf, "bad_evals": 0, "tokens_seen": 0, "loss_window": 0.0}
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        weights, saved = load_checkpoint(ckpt)
-        assign_weights(raw_model, weights, ckpt)
-        optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state.update({k: saved[k] for k in state if k in saved})
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = D.wrap_model(model, env, device.type)
-
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None) if env.is_main else None
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world * model_cfg.context_length
-    flops_per_token = raw_model.flops_per_token(model_cfg.context_length)
-    peak = peak_flops(device, dtype) * env.world if env.is_main else 1.0
-    if env.is_main and ckpt is None:
-        log.log(event="start", step=0, params=raw_model.num_params(), world=env.world, device=str(device),
-                dtype=str(dtype).removeprefix("torch."), tokens=len(tokens), vocab_size=tokenizer.vocab_size)
-
-    bar = _progress(cfg, env, state["step"])
-    stopped_early, val_loss, last_loss, tps = False, None, None, 0.0
-    window_start, window_steps = time.perf_counter(), 0
-    step = state["step"]
-    window_loss = torch.tensor(state["loss_window"], device=device)
-    try:
-        while step < cfg.max_steps:
-            lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # dropout randomness as a function of (seed, step, rank): exact resume needs no RNG state
-            torch.manual_seed(cfg.seed * 1_000_003 + step * env.world + env.rank)
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = train_data.batch(step, micro, cfg.batch_size, env.rank, env.world, cfg.grad_accum)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = contextlib.nullcontext() if not env.enabled or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync:
-                    with autocast:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state["step"] = step
-            state["tokens_seen"] += tokens_per_step
-            window_steps += 1
-            window_loss += loss_sum
-
-            record: dict = {}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                # mean over the steps since the last log line (not one noisy batch)
-                steps_in_window = (step - 1) % cfg.log_every + 1
-                last_loss = D.mean_across(window_loss / steps_in_window, env).item()
-                window_loss.zero_()
-                elapsed = time.perf_counter() - window_start
-                tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                record = {"event": "train", "step": step, "loss": last_loss, "lr": lr,
-                          "tokens_per_sec": tps, "mfu": flops_per_token * tps / peak}
-                window_start, window_steps = time.perf_counter(), 0
-                if log:
-                    log.log(**record)
-                bar.set_postfix_str(f"loss {last_loss:.4f} | {tps:,.0f} tok/s | mfu {record['mfu']:.1%}")
-            bar.update(1)
-
-            evaluate_now = val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
-            if evaluate_now:
-                val_loss = evaluate(model, val_data, cfg, env, device, autocast)
-                improved = val_loss < state["best_val"] - cfg.min_delta
-                state["best_val"] = min(state["best_val"], val_loss)
-                state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
-                if env.is_main:
-                    log.log(event="eval", step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                    bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                              + ("" if improved else f", no improvement for {state['bad_evals']} eval(s)"))
-                    if improved:  # the run directory always holds the best model so far
-                        save_model(raw_model, run_dir)
-                if cfg.patience and state["bad_evals"] >= cfg.patience:
-                    stopped_early = True
-
-            if env.is_main and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopped_early):
-                save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler, window_loss), cfg.keep_checkpoints)
-            for cb in callbacks:
-                cb(step, record)
-            if stopped_early:
-                if env.is_main:
-                    log.log(event="early_stop", step=step, best_val_loss=state["best_val"])
-                    bar.write(f"early stopping at step {step}: best val loss {state['best_val']:.4f}")
-                break
-    except KeyboardInterrupt:
-        if env.is_main and step > 0:
-            save_checkpoint(run_dir, step, raw_model, _trainer_state(state, optimizer, scaler, window_loss), cfg.keep_checkpoints)
-        bar.close()
-        D.shutdown(env)
-        raise
-    bar.close()
-    if env.is_main:
-        if val_data is None:
-            save_model(raw_model, run_dir)
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    D.barrier(env)
-    D.shutdown(env)
-    best = state["best_val"] if math.isfinite(state["best_val"]) else None
-    return TrainResult(run_dir, step, last_loss, val_loss, best, stopped_early, tps)
-
-
-@torch.no_grad()
-def evaluate(model, data: WindowSampler, cfg: TrainConfig, env: D.DistEnv, device: torch.device,
-             autocast) -> float:
-    """Mean validation loss over the same `eval_batches` windows every time (a fixed sample)."""
-    model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(cfg.eval_batches):
-        x, y = data.batch(i, 0, cfg.batch_size, env.rank, env.world, stream=1)
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-    return D.mean_across(total / cfg.eval_batches, env).item()
-
-
-def _trainer_state(state: dict, optimizer: torch.optim.Optimizer, scaler, window_loss: torch.Tensor) -> dict:
-    return {**state, "loss_window": float(window_loss), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": torch.get_rng_state()}
-
-
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """A new run needs a directory without checkpoints, a resumed one a directory with one."""
     if cfg.resume and latest_checkpoint(run_dir) is None:
         raise UserError(f"--resume but {run_dir} has no checkpoint: drop --resume to start a new run")
     if not cfg.resume and list_checkpoints(run_dir):
@@ -277,7 +192,207 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
                         "or choose another --out")
 
 
+def prepare_data(task: Task, cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> None:
+    """Rank 0 creates the run directory and the task's files (tokenizer, cache) and saves the
+    options; then, once it is done, every rank sets the task up from them."""
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        task.prepare(run_dir)
+        cfg.save(run_dir / "train_config.json")
+    D.barrier(env)
+    task.setup(run_dir)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+def resume(run: Run) -> None:
+    """With --resume: weights, optimizer and scaler state, counters and log window of the latest checkpoint."""
+    ckpt = latest_checkpoint(run.run_dir) if run.cfg.resume else None
+    if ckpt is None:
+        return
+    weights, saved = load_checkpoint(ckpt)
+    assign_weights(run.raw_model, weights, ckpt)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
+    run.window = LogWindow(run.device, saved.get("loss_window", 0.0), saved.get("metrics_window"))
+    run.resumed = True
+
+
+def start(run: Run) -> None:
+    """Compile and/or DDP-wrap the model, open the metrics log (a new run logs `start`), show the bar."""
+    cfg, env, raw = run.cfg, run.env, run.raw_model
+    model = torch.compile(raw) if cfg.compile else raw
+    run.model = D.wrap_model(model, env, run.device.type)
+    run.autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
+    run.tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world * run.task.tokens_per_example
+    run.flops_per_token = run.task.flops_per_token(raw)
+    if env.is_main:
+        run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.progress.step if run.resumed else None)
+        run.peak = peak_flops(run.device, run.dtype) * env.world
+        if not run.resumed:
+            run.log.log(event="start", step=0, params=sum(p.numel() for p in raw.parameters()), world=env.world,
+                        device=str(run.device), dtype=str(run.dtype).removeprefix("torch."), **run.task.summary())
+    run.bar = _progress(cfg, env, run.progress.step)
+    run.window.restart_clock()
+
+
 def _progress(cfg: TrainConfig, env: D.DistEnv, start: int):
+    """The tqdm bar (rank 0, unless --no-progress)."""
     from tqdm.auto import tqdm
     return tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True,
                 disable=not (env.is_main and cfg.progress), desc="train")
+
+
+# --- step -------------------------------------------------------------------------------------
+
+def train_step(run: Run) -> float:
+    """One optimizer step: set the scheduled lr, accumulate `grad_accum` micro-batch gradients
+    (DDP syncs on the last only), clip, step. Returns the lr."""
+    cfg, env, task, step = run.cfg, run.env, run.task, run.progress.step
+    lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # dropout randomness as a function of (seed, step, rank): exact resume needs no RNG state
+    torch.manual_seed(cfg.seed * 1_000_003 + step * env.world + env.rank)
+    run.model.train()
+    loss_sum = torch.zeros((), device=run.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for micro in range(cfg.grad_accum):
+        batch = task.train_batch(step, micro, cfg.batch_size, env.rank, env.world, cfg.grad_accum)
+        batch = task.to_device(batch, run.device, non_blocking=True)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if not env.enabled or last else run.model.no_sync():
+            with run.autocast:
+                loss, metrics = task.loss(run.model, batch)
+                loss = loss / cfg.grad_accum
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        for name, value in metrics.items():
+            value = torch.as_tensor(value, device=run.device).detach().float() / cfg.grad_accum
+            metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.progress.step += 1
+    run.progress.tokens_seen += run.tokens_per_step
+    run.window.add(loss_sum, metric_sums)
+    return lr
+
+
+# --- log --------------------------------------------------------------------------------------
+
+def log_step(run: Run, lr: float) -> dict:
+    """Every `log_every` steps and at the last: the mean loss (and task metrics) since the last
+    line, lr, throughput and MFU, to metrics.jsonl and the bar. Returns that record ({} otherwise)."""
+    cfg, step = run.cfg, run.progress.step
+    record: dict = {}
+    if step % cfg.log_every == 0 or step == cfg.max_steps:
+        # mean over the steps since the last log line (not one noisy batch)
+        steps_in_window = (step - 1) % cfg.log_every + 1
+        loss, metrics, tps = run.window.take(steps_in_window, run.env, run.tokens_per_step)
+        run.last_loss, run.tokens_per_second = loss, tps
+        record = {"event": "train", "step": step, "loss": loss, **metrics, "lr": lr,
+                  "tokens_per_sec": tps, "mfu": run.flops_per_token * tps / run.peak}
+        if run.log:
+            run.log.log(**record)
+        run.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | mfu {record['mfu']:.1%}")
+    run.bar.update(1)
+    return record
+
+
+# --- evaluate and early stop ------------------------------------------------------------------
+
+def evaluate_and_keep_best(run: Run) -> bool:
+    """Every `eval_every` steps and at the last (when there is validation data): the validation
+    loss, logged; the run directory's model replaced when it improved by more than `min_delta`.
+    Returns True when `patience` evaluations in a row brought no improvement: time to stop."""
+    cfg, env, p = run.cfg, run.env, run.progress
+    due = (cfg.eval_every and p.step % cfg.eval_every == 0) or p.step == cfg.max_steps
+    if not (run.task.has_validation and due):
+        return False
+    val_loss, metrics = evaluate(run.model, run.task, cfg, env, run.device, run.autocast)
+    run.val_loss = val_loss
+    improved = val_loss < p.best_val - cfg.min_delta
+    p.best_val = min(p.best_val, val_loss)
+    p.bad_evals = 0 if improved else p.bad_evals + 1
+    if env.is_main:
+        ppl = math.exp(min(val_loss, 50))
+        run.log.log(event="eval", step=p.step, val_loss=val_loss, val_ppl=ppl,
+                    **{f"val_{name}": value for name, value in metrics.items()})
+        run.bar.write(f"step {p.step}: val loss {val_loss:.4f} (ppl {ppl:.2f})"
+                      + ("" if improved else f", no improvement for {p.bad_evals} eval(s)"))
+        if improved:  # the run directory always holds the best model so far
+            save_model(run.raw_model, run.run_dir)
+    return bool(cfg.patience and p.bad_evals >= cfg.patience)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: Task, cfg: TrainConfig, env: D.DistEnv, device: torch.device,
+             autocast) -> tuple[float, dict[str, float]]:
+    """(mean validation loss, mean task metrics) over the same `eval_batches` batches every time
+    (a fixed sample), averaged over the ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    metric_totals: dict[str, torch.Tensor] = {}
+    for i in range(cfg.eval_batches):
+        batch = task.to_device(task.eval_batch(i, cfg.batch_size, env.rank, env.world), device)
+        with autocast:
+            loss, metrics = task.loss(model, batch)
+        total += loss
+        for name, value in metrics.items():
+            value = torch.as_tensor(value, device=device).float()
+            metric_totals[name] = metric_totals[name] + value if name in metric_totals else value
+    means = {name: D.mean_across(value / cfg.eval_batches, env).item() for name, value in sorted(metric_totals.items())}
+    return D.mean_across(total / cfg.eval_batches, env).item(), means
+
+
+def stop_early(run: Run) -> None:
+    """Mark the run stopped early and say so in the log and on the bar."""
+    run.stopped_early = True
+    if run.env.is_main:
+        best = run.progress.best_val
+        run.log.log(event="early_stop", step=run.progress.step, best_val_loss=best)
+        run.bar.write(f"early stopping at step {run.progress.step}: best val loss {best:.4f}")
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+def checkpoint_if_due(run: Run, stopping: bool) -> None:
+    """Rank 0 writes a checkpoint every `ckpt_every` steps, at the last step and when stopping early."""
+    cfg, step = run.cfg, run.progress.step
+    if run.env.is_main and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping):
+        write_checkpoint(run)
+
+
+def write_checkpoint(run: Run) -> None:
+    """Model, optimizer, scaler, counters, log window and RNG as checkpoint `step-N` (atomically)."""
+    state = {**asdict(run.progress), **run.window.state(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": torch.get_rng_state()}
+    save_checkpoint(run.run_dir, run.progress.step, run.raw_model, state, run.cfg.keep_checkpoints)
+
+
+def save_on_interrupt(run: Run) -> None:
+    """Ctrl-C: keep the steps done so far as a checkpoint (rank 0), close the bar and the process group."""
+    if run.env.is_main and run.progress.step > 0:
+        write_checkpoint(run)
+    run.bar.close()
+    D.shutdown(run.env)
+
+
+def finish(run: Run) -> TrainResult:
+    """Close the bar; save the model if no evaluation did; plot the loss curve; end the processes."""
+    run.bar.close()
+    if run.env.is_main:
+        if not run.task.has_validation:
+            save_model(run.raw_model, run.run_dir)
+        plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+    D.barrier(run.env)
+    D.shutdown(run.env)
+    best = run.progress.best_val if math.isfinite(run.progress.best_val) else None
+    return TrainResult(run.run_dir, run.progress.step, run.last_loss, run.val_loss, best, run.stopped_early,
+                       run.tokens_per_second)

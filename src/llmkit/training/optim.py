@@ -1,13 +1,10 @@
-"""AdamW with decoupled weight decay (Loshchilov & Hutter, 2019) applied only to matrices that
-multiply: norms, biases and embeddings are not decayed (decaying them only hurts); and gradient-norm
-clipping.
+"""AdamW with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
+2019) applied only to matrices that multiply: norms, biases and embeddings are not decayed
+(decaying them only hurts); and gradient-norm clipping.
 
-On CPU in fp32 both run natively (kernels/optimizer.c): one call clips all gradients, one call per
-parameter group updates all its tensors. For a nanoGPT-sized model PyTorch's versions spend more on
-per-tensor bookkeeping than on arithmetic (~1.4 ms a step for 52 tensors of 0.8M floats, most of it
-fixed cost; benchmarks/train_throughput.py). Anything else (CUDA, mixed dtypes, amsgrad, a grad
-scaler, torch.compile) runs PyTorch's own code, and the state is PyTorch's either way, so
-checkpoints move freely between the two.
+Both are PyTorch's own, with one seam each: a fast path registered in `STEP_PATHS` (by exact
+optimizer class) or `CLIP_PATHS` may do the same arithmetic (llmkit.accel: one native call on CPU
+in fp32); it declines, touching nothing, for anything it was not written for.
 """
 from __future__ import annotations
 
@@ -16,8 +13,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-
-from llmkit import kernels
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -36,10 +31,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# optimizer class -> run(optimizer) -> True where it did the step, False (nothing touched) to decline
+STEP_PATHS: dict[type, Callable[[torch.optim.Optimizer], bool]] = {}
+# run(grads, max_norm) -> the norm before clipping (gradients scaled in place), or None to decline
+CLIP_PATHS: list[Callable[[list[torch.Tensor], float], float | None]] = []
+
+
 class AdamW(torch.optim.AdamW):
-    """torch.optim.AdamW (same arguments, state and state_dict) whose step runs natively where every
-    parameter, gradient and moment is a contiguous fp32 CPU tensor and the group asks for plain
-    AdamW (no amsgrad, maximize, capturable, differentiable, tensor lr, grad scaler)."""
+    """torch.optim.AdamW (same arguments, state and state_dict), whose step a registered fast path
+    may run."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -47,37 +47,10 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._native_step():
+        path = STEP_PATHS.get(type(self))
+        if path is None or not path(self):
             _torch_adamw_step(self)
         return loss
-
-    def _native_step(self) -> bool:
-        """One native call per group; False (nothing touched) where any group or tensor needs
-        PyTorch's step, including a parameter's first step, so that its state is created by
-        PyTorch's own rule (device, dtype of `step`) and the native step only ever reads it."""
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            return False
-        work = []
-        for group in self.param_groups:
-            if (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]
-                    or isinstance(group["lr"], torch.Tensor)):
-                return False
-            params = [p for p in group["params"] if p.grad is not None]
-            states = [self.state.get(p) for p in params]
-            if not all(states) or any(p.grad.is_sparse for p in params):
-                return False
-            moments = [[state[k] for state in states] for k in ("exp_avg", "exp_avg_sq", "step")]
-            grads = [p.grad for p in params]
-            if not kernels.adamw_ready(params, grads, *moments):
-                return False
-            work.append((group, params, grads, moments))
-        for group, params, grads, (m, v, steps) in work:  # every group qualifies
-            beta1, beta2 = group["betas"]
-            kernels.adamw(params, grads, m, v, steps, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-            # written through raw pointers: tell autograd, so a graph that saved a parameter and is
-            # used after this step raises as it does after PyTorch's in-place update
-            torch.autograd.graph.increment_version(params + m + v + steps)
-        return True
 
 
 def _torch_adamw_step(opt: AdamW) -> None:
@@ -89,22 +62,21 @@ def _torch_adamw_step(opt: AdamW) -> None:
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (L2 norm over all gradients, scaled by max_norm / (norm + 1e-6)
-    where that is below 1); in one native call for fp32 CPU gradients. Returns the norm before
+    where that is below 1), or a registered fast path doing the same. Returns the norm before
     clipping."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
-    norm = kernels.clip_grad_norm(grads, max_norm)
-    if norm is None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if not max_norm / (norm + 1e-6) >= 1.0:  # scaled in place through raw pointers
-        torch.autograd.graph.increment_version(grads)
-    return torch.tensor(norm, dtype=torch.float32)
+    for path in CLIP_PATHS:
+        norm = path(grads, max_norm)
+        if norm is not None:
+            return torch.tensor(norm, dtype=torch.float32)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     device_type: str) -> torch.optim.Optimizer:
-    """AdamW; on CPU llmkit's native step, elsewhere PyTorch's fused kernel where this PyTorch has
-    it for the device (one launch for all params)."""
+    """AdamW; PyTorch's fused kernel where this PyTorch has it for the device (one launch for all
+    params); on CPU a registered fast path (llmkit.accel) may run the step."""
     fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
     extra = {"fused": True} if fused_ok and device_type in ("cuda", "cpu") else {}
     return AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, **extra)

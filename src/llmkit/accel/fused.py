@@ -1,57 +1,44 @@
 """Folding a pre-norm block's pieces into one autograd Function for CPU training: the norm (native
-kernels), the sublayer and the residual add, for the attention (kernels/train_attention.py), the
-MLPs (nn/mlp.py) and the final norm with the LM head (here). The rules for when that may happen
-(only llmkit's own modules, with nothing that has to see them run as themselves) and the pieces
-the Functions share live here."""
+kernels), the sublayer and the residual add, for the attention (accel/fused_attention.py), the MLPs
+(accel/fused_mlp.py) and, here, the final norm with the LM head. This module holds the pieces the
+Functions share.
+
+Why: a separate norm costs a graph node and PyTorch's layer_norm pair (~130 us in a nanoGPT-sized
+step) where the native kernels take ~45 us; inside one Function neither they nor the add need a
+node of their own (benchmarks/train_throughput.py)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 from llmkit import kernels
-from llmkit.nn.linear import Linear, linear_into
-from llmkit.nn.norms import LayerNorm, RMSNorm
-from llmkit.utils import eager_autograd
-
-NATIVE_NORMS = {LayerNorm: True, RMSNorm: False}  # norm module -> whether it centres (LayerNorm)
-
-
-def fp32_cpu_autograd(*tensors: torch.Tensor) -> bool:
-    """What every folded Function needs: eager autograd recording (not torch.compile or torch.func),
-    no autocast, and these tensors fp32 on the CPU."""
-    return (eager_autograd() and not torch.is_autocast_enabled("cpu")
-            and all(t.dtype is torch.float32 and t.is_cpu for t in tensors))
+from llmkit.accel import declared
+from llmkit.accel.guards import fp32_cpu_autograd, global_hooks_absent
+from llmkit.nn import seams
+from llmkit.nn.linear import Linear
 
 
-def unhooked(*modules: nn.Module) -> bool:
-    """Nothing that would have to see these modules run: no module or global hook, and no forward
-    set on the instance (an ablation's patch)."""
-    if module_globals._has_any_global_hook():
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   or "forward" in vars(m) for m in modules)
-
-
-def own_forward(module: nn.Module, cls: type) -> bool:
-    """module runs `cls`'s forward: not a subclass that overrides it, not patched on the instance."""
-    return type(module).forward is cls.forward and "forward" not in vars(module)
-
-
-def plain_linears(*modules: nn.Module) -> bool:
-    """Exactly llmkit's Linear with no hooks: an adapter or quantized replacement, or a hook that
-    inspects or edits a projection, must run as the module it is (never silently bypassed)."""
-    return all(type(m) is Linear for m in modules) and unhooked(*modules)
+def linear_into(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lead: tuple) -> torch.Tensor:
+    """rows @ weight^T (+ bias) as a fresh [*lead, out] tensor, not a view: a Function's output
+    that is a view of its own result cannot be edited in place afterwards (logits.div_, a hook
+    steering a block's output), which the modules' outputs can."""
+    out = torch.empty(*lead, weight.shape[0], dtype=rows.dtype, device=rows.device)
+    flat = out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=flat)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=flat)
+    return out
 
 
 def prenorm(norm: nn.Module, x: torch.Tensor) -> tuple | None:
     """(weight, bias, (y, mean, rstd)) of llmkit's LayerNorm / RMSNorm over x by the native kernel,
     for a Function to fold in (its backward then runs kernels.norm_backward); None where the norm
     is another module, hooked, or the kernel declines x."""
-    center = NATIVE_NORMS.get(type(norm))
-    if center is None or not unhooked(norm) or not x.is_contiguous():
+    center = declared.norm_accepted(norm)
+    if center is None or not x.is_contiguous():
         return None
     bias = norm.bias if center else None
     stats = kernels.norm_forward(x, norm.weight, bias, norm.eps, center)
@@ -85,6 +72,11 @@ def input_grads(norm_saved: tuple, rows_grad: Callable[[], torch.Tensor], need: 
     return dx, d_norm_w, d_norm_b
 
 
+def training_ready(*tensors: torch.Tensor) -> bool:
+    """A folded Function may run: no global hooks, eager autograd outside autocast, fp32 CPU."""
+    return global_hooks_absent() and fp32_cpu_autograd(*tensors)
+
+
 class _PrenormLinear(torch.autograd.Function):
     """linear(norm(x)) with the native norm and the backward by hand (the final norm and LM head)."""
 
@@ -109,10 +101,13 @@ class _PrenormLinear(torch.autograd.Function):
 
 def normed_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """linear(norm(x)) as one autograd Function for training (a decoder's final norm and LM head),
-    or None where it does not apply (then the caller runs the modules): autograd recording
-    outside autocast, llmkit's own modules without hooks, fp32 on CPU."""
+    or None where it does not apply: autograd recording outside autocast, fp32 on CPU, something
+    requiring a gradient."""
     w = linear.weight
-    if not fp32_cpu_autograd(w) or not plain_linears(linear) or not (x.requires_grad or w.requires_grad):
+    if not training_ready(w, x) or not (x.requires_grad or w.requires_grad):
         return None
     folded = prenorm(norm, x)
     return None if folded is None else _PrenormLinear.apply(x, *folded, w, linear.bias)
+
+
+HEAD = seams.FastPath("folded final norm + LM head (training)", normed_linear, {Linear: declared.LINEAR})

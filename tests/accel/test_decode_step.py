@@ -1,6 +1,8 @@
-"""The native decoding step (kernels/decode.c via models/native_step.py) and huge-page weights: a
-step through the C code equals the PyTorch modules for every block variant the config describes,
-it runs only where nothing would be skipped, and moving weights changes nothing but their address."""
+"""The native decoding step (kernels/decode.c via accel/decode_step.py, at DecoderLM's DECODE_STEPS
+seam) and huge-page weights (accel/hugepages.py, at DECODE_LAYOUTS): a step through the C code
+equals the PyTorch modules for every block variant the config describes, it runs only where nothing
+would be skipped (a flag or attribute it does not implement included), and moving weights changes
+nothing but their address."""
 from __future__ import annotations
 
 import shutil
@@ -9,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from accel_helpers import reference
 from llmkit import kernels
+from llmkit.accel import decode_step, hugepages
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
-from llmkit.kernels import build, hugepages
+from llmkit.kernels import build
 from llmkit.models.decoder import DecoderLM
-from llmkit.models.native_step import native_step
 
 pytestmark = [pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                  reason="no C compiler on this machine"),
@@ -113,6 +116,48 @@ def test_the_native_step_declines_what_it_would_skip():
         assert declined(make("gpt2"))
     finally:
         handle.remove()
+    model = make("gpt2").train()  # dropout set on the modules after construction (cfg.dropout is 0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    assert declined(model)
+    assert not declined(make("gpt2").train())  # training mode without any dropout drops nothing
+
+
+def set_causal_false(model):
+    model.blocks[0].attn.causal = False  # the prefill of block 0 then sees later tokens: block 1's keys change
+
+
+def set_scale(model):
+    model.blocks[0].attn.scale = 0.05  # far from 1/sqrt(12): a step ignoring it would differ
+
+
+def set_unknown_attribute(model):
+    model.blocks[0].attn.alibi = torch.zeros(1)  # what a later variant might add to Attention
+
+
+def set_approximate(model):
+    model.blocks[1].mlp.approximate = "tanh"  # an instance overriding GeluMLP's class attribute
+
+
+@pytest.mark.parametrize("change", [set_causal_false, set_scale, set_unknown_attribute, set_approximate])
+def test_a_flag_the_step_does_not_implement_is_never_bypassed(change):
+    """A new flag on an existing class, or a value of one the C step does not compute, makes the
+    step decline: the modules (and the per-sublayer paths) run and give the reference's logits."""
+    model = make("gelu-exact-sinusoidal")
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for block in model.blocks:  # peaked attention: scale and causality show in the logits
+            block.attn.qkv.weight.mul_(8.0)
+        before, _ = cached_logits(model, ids, prefill=4)
+        change(model)
+        got, cache = cached_logits(model, ids, prefill=4)
+        with reference():
+            want, _ = cached_logits(model, ids, prefill=4)
+    assert cache.native[2] is None, "the native step must decline"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if change in (set_causal_false, set_scale):
+        assert not torch.allclose(before, want, atol=1e-3)  # the change matters: a bypass would show
 
 
 def test_full_cache_still_raises_the_cache_error():
@@ -155,7 +200,7 @@ def test_a_cache_used_by_another_model_gets_its_own_step():
     with torch.no_grad():
         a(torch.ones(1, 2, dtype=torch.long), cache=cache)
         a(torch.ones(1, 1, dtype=torch.long), cache=cache)
-        assert native_step(a, cache) is not native_step(b, cache)
+        assert decode_step._step_for(a, cache) is not decode_step._step_for(b, cache)
 
 
 # --- huge pages -------------------------------------------------------------------------------

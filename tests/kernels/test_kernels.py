@@ -1,5 +1,6 @@
-"""Native CPU kernels: the matrix-vector kernel equals F.linear, the layers route to it only where it
-applies, and everything still works without it."""
+"""Native CPU kernels as bindings (llmkit.kernels, kernels/train_attention.py): each equals PyTorch's
+arithmetic, declines what it does not cover, survives fork and concurrent callers, builds portably,
+and everything still works without it. Where the fast paths use them: tests/accel/."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -13,10 +14,8 @@ import torch.nn.functional as F
 
 from llmkit import kernels
 from llmkit.config import ModelConfig
-from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.kernels import build, train_attention
 from llmkit.models.decoder import DecoderLM
-from llmkit.nn.linear import Linear
 from llmkit.training.optim import AdamW, clip_grad_norm_
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")
@@ -71,50 +70,12 @@ def test_rms_norm_and_rope_equal_pytorch():
         torch.testing.assert_close(kernels.rope(q, cos, sin), q * cos + rotate_half(q) * sin, rtol=1e-5, atol=1e-6)
 
 
-@needs_native
-def test_linear_routes_only_inference_rows_to_kernel(monkeypatch):
-    calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(a[0].numel() // 64 <= 8) or real(*a))
-    layer = Linear(64, 96)
-    one_row, many_rows = torch.randn(1, 1, 64), torch.randn(2, 16, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(one_row), F.linear(one_row, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-        assert calls == [True]
-        layer(many_rows)  # 32 rows: a matrix product, not even offered to the kernel
-        assert calls == [True]
-    out = layer(one_row.requires_grad_())  # autograd: offered, declined, PyTorch's backward works
-    out.sum().backward()
-    assert layer.weight.grad is not None
-    torch.testing.assert_close(out, F.linear(one_row, layer.weight, layer.bias))
-
-
-
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or os.environ.get("LLMKIT_NATIVE") == "0",
                     reason="no C compiler here, or native kernels switched off")
 def test_sources_compile_where_a_compiler_exists():
     """A compile error must fail here, not turn every native test into a skip."""
     kernels.reset()
     assert kernels.available(), kernels.status()
-
-@needs_native
-def test_decoding_with_and_without_kernel_agrees(monkeypatch):
-    torch.manual_seed(0)
-    model = DecoderLM(ModelConfig.from_preset("tiny")).eval()
-    cfg = GenerationConfig(max_new_tokens=24, temperature=0.0)
-    monkeypatch.setenv("LLMKIT_NATIVE", "0")
-    kernels.reset()
-    try:
-        without = list(generate_tokens(model, [1, 2, 3], cfg))
-        assert not kernels.available() and "LLMKIT_NATIVE=0" in kernels.status()
-    finally:
-        monkeypatch.delenv("LLMKIT_NATIVE")
-        kernels.reset()
-    assert kernels.available() and "yes" in kernels.status()
-    calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(1) or real(*a))
-    assert list(generate_tokens(model, [1, 2, 3], cfg)) == without and calls
 
 
 def _child_gemv(queue):
@@ -162,10 +123,22 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     try:
         assert not kernels.available() and "no C compiler" not in kernels.status()
         assert build.why_not("native") and "no-such-compiler" in kernels.status()
-        layer = Linear(8, 4)
-        x = torch.randn(1, 8)
+        x, w = torch.randn(1, 8), torch.randn(4, 8)
         with torch.no_grad():
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+            assert kernels.linear(x, w) is None and kernels.rms_norm(x, torch.ones(8), 1e-6) is None
+        assert kernels.norm_forward(x, torch.ones(8), None, 1e-5, False) is None
+        assert not train_attention.fits(2, 16, 2, 2, 16)
+        # a model still decodes (every fast path declines) and equals its full recomputation
+        torch.manual_seed(0)
+        model = DecoderLM(ModelConfig.from_preset("tiny")).eval()
+        ids = torch.randint(0, 256, (1, 10))
+        with torch.no_grad():
+            full = model(ids)
+            cache = model.make_cache(1)
+            model(ids[:, :4], cache=cache)
+            steps = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(4, 10)], 1)
+        assert cache.native[2] is None
+        torch.testing.assert_close(steps, full[:, 4:], rtol=1e-4, atol=1e-5)
         assert not list((tmp_path / "cache").glob("**/*.tmp"))  # no half-written library left
     finally:
         monkeypatch.undo()
@@ -217,16 +190,11 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
         assert cache.native[2] is not None
         torch.testing.assert_close(steps, full[:, 5:], rtol=1e-4, atol=1e-5)
         # the training attention's scalar branch, forward and backward, against SDPA
-        qkv = torch.randn(2, 21, 3 * 2 * 16, generator=g, requires_grad=True)
-        assert train_attention.wanted(qkv, 2, 2)
-        y = train_attention.causal_attention(qkv, 2, 2)
-        q, k, v = qkv.view(2, 21, 6, 16).split(2, dim=2)
-        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True).transpose(1, 2)
-        dy = torch.randn(y.shape, generator=g)
+        qkv = torch.randn(2, 21, 3 * 2 * 16, generator=g)
+        assert train_attention.fits(2, 21, 2, 2, 16)
+        (y, dqkv), (ref, ref_dqkv) = train_attention_and_sdpa(qkv, 2, 2, torch.randn(2, 21, 2, 16, generator=g))
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.autograd.grad(y, qkv, dy)[0], torch.autograd.grad(ref, qkv, dy)[0],
-                                   rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(dqkv, ref_dqkv, rtol=1e-5, atol=2e-5)
         # GELU with its derivative (scalar libm branch), both forms
         for approximate in ("none", "tanh"):
             h = torch.linspace(-9, 9, 1001).requires_grad_()
@@ -271,3 +239,53 @@ def test_portable_path_without_avx2_equals_pytorch(tmp_path):
     finally:
         kernels.adamw = real_adamw
         kernels.reset()
+
+
+# --- the training attention's bindings (kernels/train_attention.py) -----------------------------
+
+def train_attention_and_sdpa(qkv: torch.Tensor, H: int, KV: int, dy: torch.Tensor, scale: float | None = None):
+    """((y, d qkv) by train_attention.forward / backward, the same by SDPA and autograd) for q, k, v
+    read as [B, T, heads, d] views of a packed [B, T, (H + 2 KV) d] projection."""
+    B, T, width = qkv.shape
+    d = width // (H + 2 * KV)
+    s = d ** -0.5 if scale is None else scale
+    q, k, v = qkv.view(B, T, H + 2 * KV, d).split([H, KV, KV], dim=2)
+    y, probs = train_attention.forward(q, k, v, s)
+    dqkv = torch.full_like(qkv, float("nan"))  # the backward overwrites every element
+    dq, dk, dv = dqkv.view(B, T, H + 2 * KV, d).split([H, KV, KV], dim=2)
+    train_attention.backward(q, k, v, probs, dy, s, dq, dk, dv)
+    ref_in = qkv.clone().requires_grad_()
+    rq, rk, rv = (t.transpose(1, 2) for t in ref_in.view(B, T, H + 2 * KV, d).split([H, KV, KV], dim=2))
+    ref = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, scale=s, enable_gqa=H != KV).transpose(1, 2)
+    (ref_dqkv,) = torch.autograd.grad(ref, ref_in, dy)
+    return (y, dqkv), (ref.detach(), ref_dqkv)
+
+
+@needs_native
+@pytest.mark.parametrize("B,T,H,KV,d,scale", [(2, 37, 4, 2, 16, None), (1, 16, 2, 1, 8, 1.0), (3, 2, 1, 1, 24, 0.3)])
+def test_train_attention_bindings_equal_sdpa(B, T, H, KV, d, scale):
+    """forward keeps P [B, H, T, Tp] and returns y [B, T, H, d] contiguous; backward writes every
+    element of dq, dk, dv through their strides; both equal SDPA's with any scale."""
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(B, T, (H + 2 * KV) * d, generator=g)
+    dy = torch.randn(B, T, H, d, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # not contiguous
+    assert train_attention.fits(B, T, H, KV, d)
+    (y, dqkv), (ref, ref_dqkv) = train_attention_and_sdpa(qkv, H, KV, dy, scale)
+    assert y.shape == (B, T, H, d) and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert not dqkv.isnan().any()
+    torch.testing.assert_close(dqkv, ref_dqkv, rtol=1e-5, atol=2e-5)
+
+
+@needs_native
+def test_train_attention_fits_only_what_the_kernel_takes():
+    assert train_attention.fits(2, 16, 4, 2, 16)
+    assert train_attention.fits(1, train_attention.MAX_T, 2, 1, 40)
+    assert not train_attention.fits(1, train_attention.MAX_T + 1, 2, 1, 40)  # too long
+    assert not train_attention.fits(2, 1, 4, 2, 16)  # one token
+    assert not train_attention.fits(2, 16, 3, 2, 16)  # heads not a multiple of KV heads
+    assert not train_attention.fits(2, 16, 4, 0, 16)
+    assert not train_attention.fits(2, 16, 4, 2, 12)  # head dim not a multiple of 8
+    assert not train_attention.fits(4096, 512, 16, 16, 64)  # P past MAX_P_BYTES
+    train_attention.reset()  # forgets the resolved functions: resolved again on use
+    assert train_attention.fits(2, 16, 4, 2, 16)

@@ -1,5 +1,6 @@
-"""The native optimizer step (kernels/optimizer.c via training/optim.py) against PyTorch's AdamW and
-clip_grad_norm_: same numbers, same state, same hooks, PyTorch's own code wherever it declines."""
+"""The native optimizer step and clipping (kernels/optimizer.c via accel/optim.py, at
+training/optim.py's STEP_PATHS and CLIP_PATHS seams) against PyTorch's AdamW and clip_grad_norm_:
+same numbers, same state, same hooks, PyTorch's own code wherever it declines."""
 from __future__ import annotations
 
 import pytest
@@ -98,6 +99,33 @@ def test_parameters_without_gradient_are_left_alone(native_calls):
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     assert a.state[ours[1]]["step"].item() == 3.0 and a.state[ours[0]]["step"].item() == 6.0
+
+
+def test_a_subclass_runs_pytorchs_step(native_calls):
+    """The seam is keyed by exact class: a subclass (its own step rule, say) is never bypassed."""
+    class Scheduled(AdamW):
+        pass
+
+    ours, ref = twin_params()
+    a = Scheduled(groups(ours), lr=1e-2)
+    b = torch.optim.AdamW(groups(ref), lr=1e-2)
+    step_both((a, b), ours, ref, torch.Generator().manual_seed(7), 4)
+    assert native_calls == []
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_an_unknown_param_group_key_runs_pytorchs_step(native_calls):
+    """A param-group key the native step was not written for (a later PyTorch option, a
+    scheduler's bookkeeping) makes it decline."""
+    ours, ref = twin_params()
+    a = AdamW(groups(ours), lr=1e-2)
+    b = torch.optim.AdamW(groups(ref), lr=1e-2)
+    a.param_groups[1]["new_option"] = True
+    step_both((a, b), ours, ref, torch.Generator().manual_seed(8), 4)
+    assert native_calls == []
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["amsgrad", "maximize", "noncontiguous_grad", "float64", "tensor_lr"])

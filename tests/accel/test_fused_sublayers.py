@@ -1,19 +1,21 @@
-"""The pre-norm folded into the training Functions (nn/fused.py, the attention's and the GELU MLP's
-`normed`) and the native norm kernels under them (kernels/norm.c): the same outputs and gradients
-as the separate modules, and the modules run as themselves wherever something must see them."""
+"""The pre-norm folded into the training Functions at the block's sublayer seam and the LM head
+(accel/fused.py, fused_attention.py, fused_mlp.py) and the native norm kernels under them
+(kernels/norm.c): the same outputs and gradients as the reference modules (every seam emptied), and
+the modules run as themselves wherever something must see them."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from accel_helpers import count_functions, reference
 from llmkit import kernels
+from llmkit.accel import fused_attention, fused_mlp
 from llmkit.config import ModelConfig
-from llmkit.kernels import train_attention
-from llmkit.models import decoder
 from llmkit.models.decoder import DecoderLM
-from llmkit.nn import fused, mlp
+from llmkit.nn import mlp, seams
 from llmkit.nn.linear import Linear
+from llmkit.nn.norms import LayerNorm, RMSNorm
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built here")
 
@@ -64,25 +66,24 @@ CONFIGS = {
 }
 
 
-def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool, monkeypatch) -> tuple:
-    if not fused:
-        monkeypatch.setattr(decoder, "_residual", lambda module, norm, x, *args: x + module(norm(x), *args))
-        monkeypatch.setattr(decoder, "normed_linear", lambda *args: None)
-    torch.manual_seed(0)  # the same dropout draws
-    model.zero_grad(set_to_none=True)
-    logits = model(ids)
-    (logits.square().mean() + logits[:, -1].sum()).backward()
-    monkeypatch.undo()
-    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+def gradients(model: DecoderLM, ids: torch.Tensor, fused: bool) -> tuple:
+    """(logits, parameter gradients) of one step, through the fast paths or the reference code."""
+    def step():
+        torch.manual_seed(0)  # the same dropout draws
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        (logits.square().mean() + logits[:, -1].sum()).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    if fused:
+        return step()
+    with reference():
+        return step()
 
 
 def counting(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    for name, fn in (("attention", train_attention._PrenormAttention), ("mlp", mlp._GeluMLPFunction),
-                     ("mlp", mlp._SwiGLUFunction), ("head", fused._PrenormLinear)):
-        real = fn.apply
-        monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    return calls
+    """Calls of the folded sublayer and head Functions (not the attention core's)."""
+    return count_functions(monkeypatch, "attention", "mlp", "head")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -92,9 +93,9 @@ def test_folded_block_equals_separate_modules(name, monkeypatch):
     model = DecoderLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
     calls = counting(monkeypatch)
-    got = gradients(model, ids, True, monkeypatch)
+    got = gradients(model, ids, True)
     assert calls.count("attention") == calls.count("mlp") == cfg.n_layers and calls.count("head") == 1
-    want = gradients(model, ids, False, monkeypatch)
+    want = gradients(model, ids, False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():  # float rounding, relative to each gradient's size
         torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
@@ -110,9 +111,9 @@ def test_frozen_norm_and_projections_get_no_gradient(monkeypatch):
             p.requires_grad_(False)
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     calls = counting(monkeypatch)
-    got = gradients(model, ids, True, monkeypatch)
+    got = gradients(model, ids, True)
     assert len(calls) == 2 * cfg.n_layers + 1
-    want = gradients(model, ids, False, monkeypatch)
+    want = gradients(model, ids, False)
     for param, grad in want[1].items():
         if grad is None:
             assert got[1][param] is None, param
@@ -127,11 +128,13 @@ def test_modules_run_as_themselves_where_something_must_see_them(monkeypatch):
     model = DecoderLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     calls = counting(monkeypatch)
+    cores = count_functions(monkeypatch, "core")
     seen = []
     handle = model.blocks[0].norm1.register_forward_hook(lambda *_: seen.append("norm1"))
     model(ids).sum().backward()
     handle.remove()
     assert seen == ["norm1"] and calls.count("attention") == cfg.n_layers - 1  # block 0's ran as modules
+    assert cores == ["core"]  # ... whose attention core is still the kernel: nothing there must see it
 
     calls.clear()
     model.blocks[1].mlp.up = Linear(cfg.d_model, cfg.d_ff)  # a replacement must not be bypassed ...
@@ -163,9 +166,9 @@ def test_dropout_in_training_gives_the_modules_result(monkeypatch):
     model = DecoderLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 30))
     calls = counting(monkeypatch)
-    got = gradients(model, ids, True, monkeypatch)
+    got = gradients(model, ids, True)
     assert calls.count("mlp") == cfg.n_layers
-    want = gradients(model, ids, False, monkeypatch)
+    want = gradients(model, ids, False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():
         torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
@@ -188,10 +191,10 @@ def test_float64_default_dtype_gives_the_same_numbers(monkeypatch):
     torch.manual_seed(0)
     model = DecoderLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
-    want = gradients(model, ids, True, monkeypatch)
+    want = gradients(model, ids, True)
     torch.set_default_dtype(torch.float64)
     try:
-        got = gradients(model, ids, True, monkeypatch)
+        got = gradients(model, ids, True)
     finally:
         torch.set_default_dtype(torch.float32)
     torch.testing.assert_close(got[0], want[0])
@@ -212,27 +215,27 @@ def test_overridden_patched_or_wrapped_modules_run_their_forward(monkeypatch):
         def forward(self, x):
             return super().forward(x) * 0.0
 
-    folded = []
-    real_residual = mlp.GeluMLP.residual
-    monkeypatch.setattr(mlp.GeluMLP, "residual", lambda *a: folded.append(a[0]) or real_residual(*a))
     model = DecoderLM(cfg)
     model.blocks[0].mlp.__class__ = Zeroed
     ran = []
     model.blocks[1].mlp.forward = lambda x, _m=model.blocks[1].mlp: ran.append(1) or mlp.GeluMLP.forward(_m, x)
     out = model(ids)
     out.sum().backward()
-    assert ran == [1] and calls.count("mlp") == cfg.n_layers  # each through its own forward, unfolded
+    # each MLP through its own forward, unfolded (an MLP's forward is the reference: no Function)
+    assert ran == [1] and calls.count("mlp") == cfg.n_layers - 2 and calls.count("attention") == cfg.n_layers
     with torch.no_grad():
         torch.testing.assert_close(out, model(ids))  # the subclass's zeroing took effect in training too
+    with reference():
+        torch.testing.assert_close(out, model(ids), rtol=1e-5, atol=1e-5)
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
-        def forward(self, *args):
+        def forward(self, *args, **kwargs):
             ran.append("wrapper")
-            return self.inner(*args)
+            return self.inner(*args, **kwargs)
 
     model = DecoderLM(cfg)
     model.blocks[0].attn = Wrapper(model.blocks[0].attn)
@@ -261,45 +264,55 @@ def test_rope_with_per_sequence_positions_equals_modules(monkeypatch):
     positions = torch.arange(21)[None] + torch.tensor([[0], [5], [17]])
     calls = counting(monkeypatch)
 
-    def run(fused: bool):
-        if not fused:
-            monkeypatch.setattr(decoder, "_residual", lambda module, norm, x, *args: x + module(norm(x), *args))
+    def run():
         model.zero_grad(set_to_none=True)
         out = model(ids, position_ids=positions)
         out.square().mean().backward()
-        monkeypatch.undo()
         return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    got = run(True)
+    got = run()
     assert calls.count("attention") == cfg.n_layers
-    want = run(False)
+    with reference():
+        want = run()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for param, grad in want[1].items():
         torch.testing.assert_close(got[1][param], grad, rtol=1e-4, atol=1e-6 * (1 + grad.abs().max().item()), msg=param)
 
 
+def sublayer_and_grads(module: torch.nn.Module, norm: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple:
+    """(x + module(norm(x)) at the block's seam, d x, gradients of module's and norm's parameters)."""
+    module.zero_grad(set_to_none=True)
+    norm.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = seams.sublayer(module, norm, x)
+    y.backward(dy)
+    return y, x.grad, [p.grad for p in (*module.parameters(), *norm.parameters())]
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-swiglu", "pytorch-ops"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_swiglu_function_equals_modules(native, bias, monkeypatch):
+@pytest.mark.parametrize("norm_cls", [RMSNorm, LayerNorm])
+def test_swiglu_function_equals_modules(native, bias, norm_cls, monkeypatch):
+    """SwiGLU's Function at the block's sublayer seam (x + mlp(norm(x))), with the native SwiGLU
+    kernel or the same arithmetic as PyTorch ops, against the reference modules."""
     if not native:
         monkeypatch.setattr(kernels, "swiglu_with_grad", lambda *a: None)
     torch.manual_seed(0)
     module = mlp.SwiGLU(24, 40, bias)
+    norm = norm_cls(24)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(24))
     x = torch.randn(3, 7, 24) * 2
     dy = torch.randn(3, 7, 24)
-    got_x = x.clone().requires_grad_()
-    got = module(got_x)
-    got.backward(dy)
-    got_grads = [p.grad for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-    want_x = x.clone().requires_grad_()
-    want = module.modules_forward(want_x)
-    want.backward(dy)
-    assert got.grad_fn.name() == "_SwiGLUFunctionBackward"
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
-    for g, p in zip(got_grads, module.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+    got = sublayer_and_grads(module, norm, x, dy)
+    assert got[0].grad_fn.name() == "_SwiGLUFunctionBackward"
+    with reference():
+        want = sublayer_and_grads(module, norm, x, dy)
+    assert "SwiGLU" not in want[0].grad_fn.name()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_native_swiglu_and_derivatives_match_pytorch():
@@ -320,25 +333,42 @@ def test_native_swiglu_and_derivatives_match_pytorch():
 
 
 def test_another_activation_in_a_subclass_is_not_replaced(monkeypatch):
-    """A subclass that redefines the arithmetic (GeGLU from SwiGLU) trains with its own."""
+    """A subclass that redefines the arithmetic (GeGLU from SwiGLU) trains with its own, at the
+    seam and inside a whole model."""
     class GeGLU(mlp.SwiGLU):
-        def modules_forward(self, x):
+        def forward(self, x):
             return self.down(F.gelu(self.gate(x)) * self.up(x))
 
     torch.manual_seed(0)
-    module = GeGLU(16, 32, bias=False)
+    module, norm = GeGLU(16, 32, bias=False), RMSNorm(16)
     x = torch.randn(2, 5, 16, requires_grad=True)
-    out = module(x)
+    out = seams.sublayer(module, norm, x)
     with torch.no_grad():
-        torch.testing.assert_close(out, module(x))
+        torch.testing.assert_close(out, x + module(norm(x)))
     assert "SwiGLU" not in out.grad_fn.name()
-    assert module.residual(torch.nn.Identity(), x) is None
+    assert GeGLU not in seams.SUBLAYERS and not seams.SUBLAYERS[mlp.SwiGLU].accepts(module)  # exact class only
+
+    cfg = ModelConfig.from_preset("tiny", mlp="swiglu")
+    model = DecoderLM(cfg)
+    for block in model.blocks:
+        geglu = GeGLU(cfg.d_model, cfg.d_ff, bias=False)
+        geglu.load_state_dict(block.mlp.state_dict())
+        block.mlp = geglu
+    calls = counting(monkeypatch)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    got = model(ids)
+    got.sum().backward()
+    assert calls.count("mlp") == 0 and calls.count("attention") == cfg.n_layers
+    with reference(), torch.no_grad():
+        torch.testing.assert_close(got, model(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_folded_mlp_only_for_fp32_on_cpu():
     torch.manual_seed(0)
-    module = mlp.SwiGLU(16, 32, bias=True).to(torch.bfloat16)
-    out = module(torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True))
+    module, norm = mlp.SwiGLU(16, 32, bias=True).to(torch.bfloat16), RMSNorm(16).to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert fused_mlp.residual(module, norm, x) is None
+    out = seams.sublayer(module, norm, x)
     assert "SwiGLU" not in out.grad_fn.name()  # bf16 (and CUDA): the modules, autograd's backward
 
 
@@ -349,5 +379,9 @@ def test_rope_as_two_dimensional_angles_runs_the_modules():
     block = model.blocks[0]
     x = torch.randn(2, 10, cfg.d_model, requires_grad=True)
     cos, sin = model.pos(torch.arange(10), 10)
-    assert block.attn.residual(block.norm1, x, (cos[0, 0], sin[0, 0])) is None  # [T, d]: declined
-    assert block.attn.residual(block.norm1, x, (cos, sin)) is not None
+    assert fused_attention.residual(block.attn, block.norm1, x, (cos[0, 0], sin[0, 0])) is None  # [T, d]: declined
+    assert fused_attention.residual(block.attn, block.norm1, x, (cos, sin)) is not None
+    y = seams.sublayer(block.attn, block.norm1, x, rope=(cos[0, 0], sin[0, 0]))  # the modules, same numbers
+    with reference():
+        torch.testing.assert_close(y, seams.sublayer(block.attn, block.norm1, x, rope=(cos, sin)),
+                                   rtol=1e-5, atol=1e-5)

@@ -1,0 +1,85 @@
+"""What every decoding strategy shares: devices, seeded generators, stop ids, the one-token step
+and the prefill through the KV cache, and the checks on model and prompt.
+
+The lowest module of the decoding loop: `generate`, `beam` and `speculative` import it, it imports
+none of them (so the modules of llmkit.generation form no import cycle).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Sequence
+
+import torch
+
+from llmkit import accel
+from llmkit.errors import UserError
+from llmkit.models.kinds import require_text_generation
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A seeded generator on `device`, or None (torch's global RNG) without a seed."""
+    return torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+
+def stop_ids_of(cfg: Any, eos_id: int | None) -> set[int]:
+    """Token ids that end a sequence: `cfg.stop_token_ids` (a GenerationConfig's) and the EOS id."""
+    return set(cfg.stop_token_ids) | ({eos_id} if eos_id is not None else set())
+
+
+# Intra-op CPU threads for one-token decode steps (None: leave torch's setting). At batch 1 every
+# matmul is a matrix-vector product bound by memory bandwidth: MKL's GEMV gains little from extra
+# threads here, while OpenMP barriers cost whole scheduler slices whenever a core is busy with
+# another process (measured on the 2-core benchmark machine: 20-22 vs 7-8 tokens/s under load).
+# Prefill, whose matmuls are large, always runs with torch's setting.
+DECODE_THREADS: int | None = 1
+
+
+@contextmanager
+def decode_threads(device: torch.device):
+    """Run the enclosed one-token step with DECODE_THREADS CPU threads, then restore."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or DECODE_THREADS is None or DECODE_THREADS == before:
+        yield
+        return
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        with accel.threads(before):  # the native matrix-vector kernel still uses every core
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def step(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """One decode step: tokens [B, 1] -> next-token logits [B, V] through the KV cache."""
+    with decode_threads(tokens.device):
+        return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
+
+
+def prefill(model, tokens: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """Run the prompt [B, S] through the model into the cache; logits of the last position [B, V]."""
+    return model(tokens, cache=cache, logits_to_keep=1, **kw)[:, -1]
+
+
+def prepare(model) -> None:
+    """Give the model its decode-friendly weight layout once, if it has one (see DecoderLM)."""
+    if model is not None and hasattr(model, "use_decode_layout"):
+        model.use_decode_layout()
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """UserError unless the model's kind (llmkit.models.kinds) generates text."""
+    require_text_generation(model)
+
+
+def check_prompt(model, prompt_ids: Sequence[int]) -> None:
+    """UserError for an empty prompt or one longer than the model's context."""
+    ctx = model.cfg.context_length
+    if not prompt_ids:
+        raise UserError("empty prompt: give at least one token of text (or a tokenizer with a BOS token)")
+    if len(prompt_ids) > ctx:
+        raise UserError(f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx}: shorten the prompt")

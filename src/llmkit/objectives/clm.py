@@ -1,0 +1,88 @@
+"""Causal language modelling: predict every next token of a text window (next-token cross entropy).
+
+Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training" (GPT), and
+2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
+
+Data: the corpus (raw text or prepared shards) becomes one token stream; its last `val_fraction`
+is validation; batches are random windows of `context_length + 1` tokens drawn by `WindowSampler`
+as a pure function of (seed, step, micro-step, rank).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.data.tokens import TokenArray, WindowSampler, train_val_split
+from llmkit.errors import UserError
+from llmkit.objectives.builders import build_model_config, build_tokenizer, build_tokens
+from llmkit.objectives.task import Task, TaskOptions, register_task
+from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+
+
+@register_task("causal-lm")
+class CausalLMTask(Task):
+    """Next-token prediction on windows of the run's token stream."""
+
+    tokenizer: Tokenizer
+    tokens: TokenArray
+    train_data: WindowSampler
+    val_data: WindowSampler | None
+
+    def __init__(self, cfg: TaskOptions) -> None:
+        """Refuse a new run without data (a resumed one reads `data` from its saved options)."""
+        if cfg.data is None and not cfg.resume:
+            raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
+        super().__init__(cfg)
+        self._loaded = False
+
+    def prepare(self, run_dir: Path) -> None:
+        """Train (or load) the tokenizer and tokenize the corpus into the run's token cache."""
+        self.tokenizer = build_tokenizer(self.cfg, run_dir)
+        self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
+        self._loaded = True
+
+    def setup(self, run_dir: Path) -> None:
+        """Read what `prepare` wrote, size the model to the vocabulary, split train/validation."""
+        if not self._loaded:  # the other ranks: rank 0 has written tokenizer and cache
+            self.tokenizer = load_tokenizer(run_dir)
+            self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
+            self._loaded = True
+        cfg = self.cfg
+        self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
+        context = self.model_config.context_length
+        train_tokens, val_tokens = train_val_split(self.tokens, cfg.val_fraction, context)
+        self.train_data = WindowSampler(train_tokens, context, cfg.seed)
+        self.val_data = WindowSampler(val_tokens, context, cfg.seed) if cfg.val_fraction > 0 else None
+
+    def summary(self) -> dict[str, Any]:
+        """Token count of the whole stream and the vocabulary size."""
+        return {"tokens": len(self.tokens), "vocab_size": self.tokenizer.vocab_size}
+
+    @property
+    def tokens_per_example(self) -> int:
+        """One window: `context_length` predicted tokens."""
+        return self.model_config.context_length
+
+    @property
+    def has_validation(self) -> bool:
+        """True unless `val_fraction` is 0."""
+        return self.val_data is not None
+
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int,
+                    grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) windows, y = x shifted by one, from the training part of the stream."""
+        return self.train_data.batch(step, micro, batch_size, rank, world, grad_accum)
+
+    def eval_batch(self, i: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) windows of the validation part, from a stream of draws apart from training's."""
+        assert self.val_data is not None, "eval_batch without validation data (val_fraction 0)"
+        return self.val_data.batch(i, 0, batch_size, rank, world, stream=1)
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean cross entropy (nats/token) of the model's next-token logits against y, in fp32."""
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)), {}

@@ -1,0 +1,137 @@
+"""The `Task` interface: what a training run learns (its loss) and from which batches.
+
+The training loop knows nothing about tokens, windows or cross entropy: it asks its task for the
+data set-up, for batch `(step, micro-step, rank)`, and for `(loss, metrics)` of the model on that
+batch. A new objective (masked LM, prefix LM, span corruption, SFT, classification, DPO) is one
+module with a `Task` subclass and a `@register_task("name")` line; `TrainConfig.task` selects it.
+
+Life cycle, as the loop drives it:
+
+1. `Task(cfg)`: check the options (fail before anything is touched);
+2. `prepare(run_dir)`: rank 0 only, first: write the files the data needs (tokenizer, caches);
+3. `setup(run_dir)`: every rank, after `prepare` finished: load them, fix `model_config`;
+4. `build_model(device)`, then per optimizer step and micro-step `train_batch(...)` -> `to_device`
+   -> `loss(model, batch)`; per evaluation `eval_batch(i, ...)` -> `loss`.
+
+Batches must be a pure function of their arguments (seed, step, micro-step, rank): that is what
+makes resume exact and 2 ranks x batch b equal to 1 rank x batch 2b, without any sampler state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, TypeVar
+
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.objectives.builders import build_model
+
+Batch = Any  # whatever a task's train_batch/eval_batch return and its loss takes: tensors, tuples, dicts
+
+
+class TaskOptions(Protocol):
+    """The run options every task may read (`llmkit.training.config.TrainConfig` has them all)."""
+
+    data: str | None
+    preset: str
+    tokenizer: str
+    vocab_size: int
+    val_fraction: float
+    seed: int
+    resume: bool
+
+    def model_overrides(self) -> dict[str, Any]: ...
+
+
+class Task(ABC):
+    """A training objective: its data set-up, its batches and its loss (see the module docstring)."""
+
+    name: ClassVar[str] = ""  # the registry key, set by @register_task
+
+    def __init__(self, cfg: TaskOptions) -> None:
+        """Keep the options; a subclass raises `UserError` here for options it cannot train with."""
+        self.cfg = cfg
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def prepare(self, run_dir: Path) -> None:
+        """Rank 0 only, before any other rank sets up: create what the data needs under `run_dir`
+        (a trained tokenizer, a token cache), so the other ranks only read. Default: nothing."""
+
+    @abstractmethod
+    def setup(self, run_dir: Path) -> None:
+        """Every rank, after `prepare` finished: load the data and fix `self.model_config`.
+        Unusable data (too small, wrong vocabulary) raises `UserError`."""
+
+    model_config: ModelConfig  # set by `setup`: the shape of the model this task trains
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        """The freshly initialised model, seeded by the run's seed (a decoder LM by default)."""
+        return build_model(self.model_config, self.cfg.seed, device)
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the data for the run's `start` log line (e.g. token count, vocabulary)."""
+        return {}
+
+    # --- data -----------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def tokens_per_example(self) -> int:
+        """Tokens one batch row stands for: the loop counts throughput, `tokens_seen` and MFU in them."""
+
+    @property
+    @abstractmethod
+    def has_validation(self) -> bool:
+        """Whether there is held-out data: without it the loop never evaluates (nor stops early)."""
+
+    @abstractmethod
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int, grad_accum: int) -> Batch:
+        """This rank's `batch_size` rows for micro-step `micro` of optimizer step `step`: a pure
+        function of its arguments (and the seed), the global batch being `batch_size * world * grad_accum`."""
+
+    @abstractmethod
+    def eval_batch(self, i: int, batch_size: int, rank: int, world: int) -> Batch:
+        """This rank's rows of validation batch `i`: the same every evaluation (a fixed sample)."""
+
+    def to_device(self, batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+        """The batch with its tensors on `device` (tensors nested in tuples, lists and dicts)."""
+        return move_to(batch, device, non_blocking)
+
+    # --- the objective --------------------------------------------------------------------------
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(mean loss over the batch as a 0-d tensor to backpropagate, extra metrics as 0-d tensors).
+        Runs under the loop's autocast; the loop averages the metrics like the loss and logs them
+        (`name` in train lines, `val_name` in eval lines)."""
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        """Training FLOPs per token of `model` on this task's examples (for MFU)."""
+        return model.flops_per_token(self.tokens_per_example)
+
+
+def move_to(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+    """`batch` with every tensor in it moved to `device`; other values are left as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+TASKS: dict[str, type[Task]] = {}  # `TrainConfig.task` name -> Task class
+
+T = TypeVar("T", bound=type[Task])
+
+
+def register_task(name: str) -> Callable[[T], T]:
+    """Class decorator: make a Task selectable as `--task name` / `task: name` in a recipe."""
+    def register(cls: T) -> T:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+    return register

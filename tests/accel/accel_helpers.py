@@ -1,0 +1,36 @@
+"""What the accel tests share: running the pure reference code (every seam emptied, then filled
+again whatever happens) and counting the folded Functions' calls."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+
+from llmkit import accel
+from llmkit.accel import fused, fused_attention, fused_mlp
+
+
+@contextmanager
+def reference() -> Iterator[None]:
+    """Inside the block no fast path is registered: nn/, models/ and training/ run as written."""
+    accel.unregister()
+    try:
+        yield
+    finally:
+        accel.register()
+
+
+FUNCTIONS = {"attention": [fused_attention._PrenormAttention], "core": [fused_attention._CoreAttention],
+             "mlp": [fused_mlp._GeluMLPFunction, fused_mlp._SwiGLUFunction], "head": [fused._PrenormLinear]}
+
+
+def count_functions(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """A list that gets the name ("attention", "core", "mlp", "head") of each folded autograd
+    Function applied from now on (all four kinds unless `names` picks some)."""
+    calls: list[str] = []
+    for name in names or FUNCTIONS:
+        for fn in FUNCTIONS[name]:
+            real = fn.apply
+            monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
