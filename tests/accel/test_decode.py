@@ -169,7 +169,7 @@ def test_the_decoding_core_equals_sdpa_and_declines_the_rest():
     k, v = cache_k[:, :, :23], cache_v[:, :, :23]  # the filled prefix of a cache, as attention reads it
 
     def core(q=q, **kw):
-        args = dict(mask=None, is_causal=False, scale=None, bias=None, dropout=0.0, return_weights=False)
+        args = dict(mask=None, is_causal=False, scale=None, bias=None, dropout=0.0, softcap=None, return_weights=False)
         return decode.core(q, k, v, **{**args, **kw})
 
     with torch.no_grad():
@@ -181,6 +181,7 @@ def test_the_decoding_core_equals_sdpa_and_declines_the_rest():
         assert core(mask=torch.ones(1, 23, dtype=torch.bool)) is None
         assert core(bias=torch.zeros(1, 23)) is None
         assert core(dropout=0.1) is None
+        assert core(softcap=5.0) is None
         assert core(return_weights=True) is None
         assert core(q=torch.randn(1, 4, 2, 16)) is None  # two queries
         assert core(q=q.double()) is None

@@ -37,7 +37,7 @@ def packed_heads(qkv: torch.Tensor, H: int, KV: int) -> tuple[torch.Tensor, torc
 
 def core(q, k, v, **kw):
     """fused_attention.core with attend's defaults: causal self-attention."""
-    args = dict(mask=None, is_causal=True, scale=None, bias=None, dropout=0.0, return_weights=False)
+    args = dict(mask=None, is_causal=True, scale=None, bias=None, dropout=0.0, softcap=None, return_weights=False)
     args.update(kw)
     return fused_attention.core(q, k, v, **args)
 
@@ -162,6 +162,7 @@ def test_declines_what_it_does_not_cover():
     assert core(*ok, bias=torch.zeros(1, 2, T, T)) is None  # an additive bias (ALiBi, T5)
     assert core(*ok, is_causal=False) is None  # bidirectional (encoders)
     assert core(*ok, dropout=0.1) is None  # attention dropout
+    assert core(*ok, softcap=5.0) is None  # soft-capped scores
     assert core(*ok, return_weights=True) is None  # the weights asked for
     assert core(*qkv(S=24)) is None  # cross-attention: keys of another length
     q, k, v = qkv(d=16)

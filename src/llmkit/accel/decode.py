@@ -79,10 +79,11 @@ def head(norm: nn.Module, lm_head: nn.Module, x: torch.Tensor) -> torch.Tensor |
 
 
 def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, scale: float | None, bias,
-         dropout: float, return_weights: bool) -> torch.Tensor | None:
+         dropout: float, softcap: float | None, return_weights: bool) -> torch.Tensor | None:
     """The attention core for one query of one sequence over the KV cache (every key visible): the
     native kernel, y as [1, H, 1, d]; None otherwise."""
-    if (mask is not None or bias is not None or dropout or return_weights or q.dim() != 4 or q.shape[2] != 1
+    if (mask is not None or bias is not None or dropout or softcap is not None or return_weights or q.dim() != 4
+            or q.shape[2] != 1
             or not fp32_cpu_inference(q, k, v)):
         return None
     d = q.shape[-1]

@@ -57,11 +57,12 @@ class _CoreAttention(torch.autograd.Function):
 
 
 def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool, scale: float | None, bias,
-         dropout: float, return_weights: bool) -> torch.Tensor | None:
+         dropout: float, softcap: float | None, return_weights: bool) -> torch.Tensor | None:
     """The attention core (nn.attention.attend) for causal self-attention in training: no mask,
     bias, dropout or weights; queries and keys of one length; autograd on; fp32 CPU; a shape the
     kernel takes. None otherwise."""
-    if (not is_causal or mask is not None or bias is not None or dropout or return_weights or q.dim() != 4
+    if (not is_causal or mask is not None or bias is not None or dropout or softcap is not None or return_weights
+            or q.dim() != 4
             or k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or q.shape[0] != k.shape[0]
             or not (q.requires_grad or k.requires_grad or v.requires_grad) or not fp32_cpu_autograd(q, k, v)
             or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1):

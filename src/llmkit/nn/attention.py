@@ -4,8 +4,8 @@ grouped-query (Ainslie et al., 2023) and multi-query (Shazeer, 2019) attention: 
 key/value heads are shared by groups of query heads.
 
 Every variant plugs into `attend` as an argument: an additive bias (ALiBi, T5's relative bias),
-another scale (T5 uses none), no causal mask (encoders), keys and values from another sequence
-(cross-attention). `attend` runs PyTorch's fused `scaled_dot_product_attention`, or `eager_attention`
+another scale (T5 uses none), logit soft-capping (Gemma 2), no causal mask (encoders), keys and
+values from another sequence (cross-attention). `attend` runs PyTorch's fused `scaled_dot_product_attention`, or `eager_attention`
 step by step when the weights are wanted; a fast path registered in `seams.ATTENTION_CORES` may
 stand in where it accepts every argument.
 """
@@ -36,15 +36,22 @@ def _scores_mask(t: int, s: int, mask: torch.Tensor | None, is_causal: bool, dev
     return mask
 
 
+def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(scores / cap): scores squashed smoothly into (-cap, cap) (Gemma 2, 2024)."""
+    return cap * torch.tanh(scores / cap)
+
+
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     is_causal: bool = False, scale: float | None = None, bias: torch.Tensor | None = None,
-                    dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale * q k^T + bias, masked) v step by step, returning (output, weights).
+                    dropout: float = 0.0, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(softcap(scale * q k^T) + bias, masked) v step by step, returning (output, weights).
     q [B, H, T, d]; k, v [B, KV, S, d]; mask bool, True = may attend; bias additive; both
-    broadcastable to [B, H, T, S]. scale None: 1 / sqrt(d)."""
+    broadcastable to [B, H, T, S]. scale None: 1 / sqrt(d); softcap None: no cap."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     if bias is not None:
         scores = scores + bias
     mask = _scores_mask(q.shape[-2], k.shape[-2], mask, is_causal, q.device)
@@ -58,27 +65,32 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
            is_causal: bool = False, scale: float | None = None, bias: torch.Tensor | None = None,
-           dropout: float = 0.0, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The attention core: (softmax(scale * q k^T + bias, masked) v [B, H, T, d], weights or None).
+           dropout: float = 0.0, softcap: float | None = None,
+           return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention core: (softmax(softcap(scale q k^T) + bias, masked) v [B, H, T, d], weights or None).
 
     q [B, H, T, d]; k, v [B, KV, S, d] with H a multiple of KV (grouped-query), S possibly from
     another sequence (cross-attention) or a KV cache. mask: bool, True = may attend; bias: additive
     float; both broadcastable to [B, H, T, S]. is_causal: query i sees keys up to S - T + i.
-    scale None: 1 / sqrt(d). dropout: on the weights (training). return_weights: run the eager path
-    and return the weights too."""
+    scale None: 1 / sqrt(d). dropout: on the weights (training). softcap: cap * tanh(scores / cap)
+    before the bias and mask (SDPA has no such step: the eager path runs). return_weights: run the
+    eager path and return the weights too."""
     inputs = dict(q=q, k=k, v=v, mask=mask, is_causal=is_causal, scale=scale, bias=bias, dropout=dropout,
-                  return_weights=return_weights)
+                  softcap=softcap, return_weights=return_weights)
     for path in seams.ATTENTION_CORES:
         y = path.run(**inputs)
         if y is not None:
             return y, None
-    if return_weights:
-        return eager_attention(q, k, v, mask, is_causal, scale, bias, dropout)
-    if bias is not None:  # SDPA takes one additive mask: the bias with -inf where the bool mask says no
+    if return_weights or softcap is not None:
+        y, weights = eager_attention(q, k, v, mask, is_causal, scale, bias, dropout, softcap)
+        return y, weights if return_weights else None
+    if bias is not None or (is_causal and (mask is not None or q.shape[-2] != k.shape[-2])):
+        # SDPA takes one mask, and aligns is_causal to the first keys: spell the causal part out
         mask = _scores_mask(q.shape[-2], k.shape[-2], mask, is_causal, q.device)
+        is_causal = False
+    if bias is not None:  # the bias, with -inf where the bool mask says no
         bias = bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1]), None
 
