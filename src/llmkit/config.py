@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from llmkit.errors import UserError
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import NORMS
 from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
-from llmkit.utils import atomic_write_text
+from llmkit.utils import atomic_write_text, read_json_object
 
 
 @dataclass
@@ -117,15 +117,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {path}") from None
-        except ValueError as e:
-            raise UserError(f"config file {path} is not valid JSON ({e}): fix or re-create it") from None
-        if not isinstance(d, dict):
-            raise UserError(f"config file {path} must hold a JSON object")
+        d = read_json_object(path)
         return cls.from_dict(d)
 
     @classmethod

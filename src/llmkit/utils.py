@@ -1,6 +1,7 @@
 """Small helpers shared across layers: atomic writes, seeding."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -33,3 +34,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in a config file, or a UserError saying what is wrong with the file."""
+    from llmkit.errors import UserError
+
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except ValueError as e:
+        raise UserError(f"config file {path} is not valid JSON ({e}): fix or re-create it") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file {path} must hold a JSON object")
+    return d

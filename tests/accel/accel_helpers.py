@@ -5,10 +5,18 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import shutil
+
 import pytest
 
-from llmkit import accel
+from llmkit import accel, kernels
 from llmkit.accel import fused, fused_attention, fused_mlp
+from llmkit.kernels import build
+
+# for modules whose every test needs the native kernels built here
+NEEDS_KERNELS = [pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler on this machine"),
+                 pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")]
 
 
 @contextmanager

@@ -4,27 +4,23 @@ the LM head run the native kernels, give the reference's logits within float rou
 offered nothing else (many rows, autograd); decoding without any kernel gives the same tokens."""
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from accel_helpers import reference
+from accel_helpers import NEEDS_KERNELS, reference
 from llmkit import kernels
 from llmkit.accel import decode
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
-from llmkit.kernels import build
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn import seams
 from llmkit.nn.linear import Linear
 from llmkit.nn.norms import RMSNorm
 
-pytestmark = [pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                 reason="no C compiler on this machine"),
-              pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")]
+pytestmark = NEEDS_KERNELS
 
 BASE = dict(vocab_size=96, context_length=48, n_layers=2, d_model=48, n_heads=4)
 VARIANTS = {

@@ -5,23 +5,18 @@ would be skipped (a flag or attribute it does not implement included), and movin
 nothing but their address."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from accel_helpers import reference
-from llmkit import kernels
+from accel_helpers import NEEDS_KERNELS, reference
 from llmkit.accel import decode_step, hugepages
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
-from llmkit.kernels import build
 from llmkit.models.decoder import DecoderLM
 
-pytestmark = [pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                 reason="no C compiler on this machine"),
-              pytest.mark.skipif(not kernels.available(), reason=f"no native kernels: {build.why_not('native')}")]
+pytestmark = NEEDS_KERNELS
 
 BASE = dict(vocab_size=96, context_length=48, n_layers=2, d_model=48, n_heads=4)
 VARIANTS = {

@@ -7,7 +7,6 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from llmkit.nn.attention import Attention
 from llmkit.nn.linear import Linear
 from llmkit.nn.mlp import GeluMLP, GeluTanhMLP, SwiGLU
 from llmkit.nn.norms import LayerNorm, RMSNorm

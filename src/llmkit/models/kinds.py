@@ -20,7 +20,7 @@ from torch import nn
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
-from llmkit.utils import atomic_write_text
+from llmkit.utils import atomic_write_text, read_json_object
 
 ARCHITECTURE_KEY = "architecture"
 DEFAULT_ARCHITECTURE = "decoder"  # what a config.json without the key is
@@ -134,15 +134,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> Any:
     """Read a config.json of any registered kind."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except ValueError as e:
-        raise UserError(f"config file {path} is not valid JSON ({e}): fix or re-create it") from None
-    if not isinstance(d, dict):
-        raise UserError(f"config file {path} must hold a JSON object")
+    d = read_json_object(path)
     return config_from_dict(d, str(path))
 
 
