@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import pickle
 from pathlib import Path
 
 import torch
@@ -115,7 +116,11 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise UserError(f"{directory / pickled[0]} is a pickled checkpoint, which can run code when loaded: "
                         "convert it to safetensors, or pass allow_pickle=True if you trust it")
     if pickled:
-        return torch.load(directory / pickled[0], map_location="cpu", weights_only=True)
+        try:
+            return torch.load(directory / pickled[0], map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{directory / pickled[0]} holds objects other than tensors, which llmkit will not "
+                            "unpickle: convert it to safetensors with the library that wrote it") from None
     raise UserError(f"{directory} has {CONFIG} but no {WEIGHTS}: the save was interrupted; restore the weights file")
 
 

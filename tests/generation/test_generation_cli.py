@@ -75,8 +75,15 @@ def test_fit_prompt_drops_the_oldest_turns_first():
     msgs = [{"role": "system", "content": "sys"}] + [{"role": r, "content": c * 40} for r, c in
                                                      [("user", "a"), ("assistant", "b"), ("user", "c")]]
     ids, kept = fit_prompt(tok, msgs, budget=150)
-    assert len(ids) <= 150 and kept[0]["role"] == "system" and kept[-1]["content"] == "c" * 40
-    assert len(kept) < len(msgs)
+
+    def length(messages):
+        return len(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
+    assert length(msgs) > 150  # it had to drop something
+    # the system message and the newest turns, as many as fit: one more older turn would not
+    n = len(kept) - 1
+    assert 1 <= n < 3 and kept == [msgs[0]] + msgs[-n:]
+    assert ids == tok.encode(tok.apply_chat_template(kept, add_generation_prompt=True)) and len(ids) <= 150
+    assert length([msgs[0]] + msgs[-(n + 1):]) > 150
 
 
 def test_chat_cli_over_a_stdin_pipe(model_dir):

@@ -91,9 +91,6 @@ def test_opt_in_still_refuses_a_pickle_that_is_more_than_tensors(tiny_model, tmp
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError,
-                   reason="model_io._read_state lets torch's UnpicklingError through (whose message suggests "
-                          "weights_only=False) instead of a UserError; remove this mark once it wraps it")
 def test_opt_in_refusal_is_a_user_error(tiny_model, tmp_path):
     d = _pickled_model_dir(tiny_model, tmp_path, "model.pt", tmp_path / "pwned")
     with pytest.raises(UserError):
