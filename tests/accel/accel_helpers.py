@@ -8,6 +8,7 @@ from typing import Iterator
 import shutil
 
 import pytest
+import torch
 
 from llmkit import accel, kernels
 from llmkit.accel import fused, fused_attention, fused_mlp
@@ -42,3 +43,12 @@ def count_functions(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
             real = fn.apply
             monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with non-trivial norms and biases, so that a swapped weight or bias cannot pass."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accel_helpers import NEEDS_KERNELS, reference
+from accel_helpers import NEEDS_KERNELS, perturbed, reference
 from llmkit import kernels
 from llmkit.accel import decode
 from llmkit.config import ModelConfig
@@ -33,12 +33,7 @@ VARIANTS = {
 
 def make(variant: str) -> DecoderLM:
     torch.manual_seed(0)
-    model = DecoderLM(ModelConfig(**BASE, **VARIANTS[variant])).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped weight/bias cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return perturbed(DecoderLM(ModelConfig(**BASE, **VARIANTS[variant])).eval())
 
 
 def cached_logits(model: DecoderLM, ids: torch.Tensor, prefill: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from accel_helpers import NEEDS_KERNELS, reference
+from accel_helpers import NEEDS_KERNELS, perturbed, reference
 from llmkit.accel import decode_step, hugepages
 from llmkit.config import ModelConfig
 from llmkit.generation.generate import GenerationConfig, generate_tokens
@@ -37,12 +37,7 @@ VARIANTS = {
 
 def make(variant: str, seed: int = 0) -> DecoderLM:
     torch.manual_seed(seed)
-    model = DecoderLM(ModelConfig(**BASE, **VARIANTS[variant])).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped weight/bias cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return perturbed(DecoderLM(ModelConfig(**BASE, **VARIANTS[variant])).eval())
 
 
 def cached_logits(model: DecoderLM, ids: torch.Tensor, prefill: int) -> tuple[torch.Tensor, object]:
