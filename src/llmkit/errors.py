@@ -1,5 +1,14 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can fix. The CLI prints them as one line and exits with their code (2)."""
 
 
 class UserError(Exception):
     """A mistake in the user's input: the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(UserError):
+    """Training stopped because its loss or gradients stopped being finite numbers (exit code 3):
+    the message says at which step, what the options were and where the last good checkpoint is."""
+
+    exit_code = 3

@@ -7,7 +7,6 @@ registered kind saves and loads here. Only safe formats load by default (safeten
 from __future__ import annotations
 
 import os
-import tempfile
 import pickle
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import UserError
+from llmkit.outputs import temp_path
 from llmkit.models.kinds import (finish_loading, kind_of_config, load_config, save_config, tie_weights,
                                  tied_parameters)
 
@@ -39,8 +39,7 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Atomic safetensors write (temp file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
@@ -114,7 +113,7 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     pickled = [p for p in ("pytorch_model.bin", "model.pt") if (directory / p).is_file()]
     if pickled and not allow_pickle:
         raise UserError(f"{directory / pickled[0]} is a pickled checkpoint, which can run code when loaded: "
-                        "convert it to safetensors, or pass allow_pickle=True if you trust it")
+                        "convert it to safetensors, or pass allow_pickle=True to llmkit.model_io.load_model if you trust it")
     if pickled:
         try:
             return torch.load(directory / pickled[0], map_location="cpu", weights_only=True)

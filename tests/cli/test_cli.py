@@ -108,7 +108,7 @@ BAD = {
     "empty data file": (["train", "--data", "{tmp}/empty.txt", "--out", "{tmp}/o"], "is empty"),
     "unknown preset": (["train", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "gpt5"], "unknown preset 'gpt5'"),
     "unknown recipe key": (["train", "--recipe", "{tmp}/bad.yaml", "--out", "{tmp}/o"], "unknown keys ['max_stepz']"),
-    "non-numeric flag": (["train", "--data", "{corpus}", "--max-steps", "many"], "invalid int value: 'many'"),
+    "non-numeric flag": (["train", "--data", "{corpus}", "--max-steps", "many"], "must be an integer >= 1 and <= 2147483647, got 'many'"),
     "prompt outside vocabulary": (["generate", "{run}", "--prompt", "\u263a\u263a"], "outside the character vocabulary"),
     "prompt longer than context": (["generate", "{run}", "--prompt", "{long}"], "context is 32"),
     "directory without a model": (["generate", "{tmp}"], "config.json"),

@@ -1,35 +1,28 @@
-"""Turn dataclass fields into argparse options, so each option is declared once (on the config)."""
+"""Turn dataclass fields into argparse options, so each option is declared once (on the config),
+with its rule (`llmkit.options`) as the parser: a bad value is argparse's one line and exit 2."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from typing import Any
 
-_SCALARS = {int, float, str}
-
-
-def _scalar_type(tp: Any) -> Any:
-    if isinstance(tp, str):
-        tp = eval(tp, {}, {})  # annotations are strings under `from __future__ import annotations`
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else [tp]
-    return args[0] if len(args) == 1 else None
+from llmkit.options import rule_of
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """--field-name for each field; every default is None so the caller can tell 'given' from 'not'."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        rule = rule_of(f)
+        if f.name in skip or rule is None:
             continue
-        tp = _scalar_type(f.type)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if tp is bool:
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if rule.type is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif tp in _SCALARS:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text,
-                                metavar=tp.__name__.upper())
+        else:
+            metavar = "{" + ",".join(rule.choices) + "}" if rule.choices else rule.type.__name__.upper()
+            parser.add_argument(flag, dest=f.name, type=rule.parse, default=None, help=help_text, metavar=metavar)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from llmkit.errors import UserError
+from llmkit.outputs import write_error_message
+
+OUT_OF_MEMORY = "out of memory: lower --batch-size (or the model, context or data size)"
 
 VERBS = ["train", "generate", "chat", "demo", "convert", "data", "tokenizer", "presets", "info"]
 
@@ -32,16 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings from the libraries below as one line each (not file, line and source: three)."""
+    return f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a full disk, a read-only folder, a vanished file: the environment, not a bug
+        if isinstance(e, BrokenPipeError):
+            return 0
+        print(f"error: {write_error_message(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's (CUDA) allocator; anything else is a bug
+            raise
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0

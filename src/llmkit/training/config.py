@@ -4,76 +4,81 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from llmkit.errors import UserError
+from llmkit.options import (COUNT, NONNEGATIVE, SEED, check_fields, flag, integer, number, one_of, option, rule_of,
+                            text)
+from llmkit.utils import read_json_object
 
-
-def opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+MAX_VOCAB = 1 << 22  # token ids are stored as uint32; no tokenizer in use comes near 4M entries
 
 
 @dataclass
 class TrainConfig:
-    data: str | None = opt(None, "text file or folder of .txt/.md files to train on")
-    out: str = opt("runs/run", "run directory: model, tokenizer, checkpoints, metrics")
-    task: str = opt("causal-lm", "training task: objective and data (a key of llmkit.objectives.TASKS: causal-lm)")
-    preset: str = opt("baby-gpt", "model preset (see `llmkit presets`)")
-    model: dict = opt(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
-    n_layers: int | None = opt(None, "override the preset's number of layers")
-    d_model: int | None = opt(None, "override the preset's width")
-    n_heads: int | None = opt(None, "override the preset's number of attention heads")
-    context_length: int | None = opt(None, "override the preset's context length")
-    dropout: float | None = opt(None, "override the preset's dropout")
-    tokenizer: str = opt("char", "tokenizer to train on the data: char or bpe")
-    vocab_size: int = opt(4096, "vocabulary size when --tokenizer bpe")
-    batch_size: int = opt(12, "windows per micro-batch per process")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = opt(2000, "optimizer steps")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(100, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not on norms, biases, embeddings)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.99, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    val_fraction: float = opt(0.1, "fraction of the tokens held out for validation")
-    eval_every: int = opt(250, "evaluate on the validation split every N steps (0 = only at the end)")
-    eval_batches: int = opt(20, "validation batches per evaluation")
-    patience: int = opt(0, "early stopping: evaluations without improvement before stopping (0 = off)")
-    min_delta: float = opt(0.0, "early stopping: improvement smaller than this does not count")
-    ckpt_every: int = opt(500, "write a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    log_every: int = opt(10, "log training loss every N steps")
-    seed: int = opt(1337, "random seed (data order, init, dropout)")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16")
-    device: str = opt("auto", "auto, cpu or cuda")
-    compile: bool = opt(False, "torch.compile the model")
-    resume: bool = opt(False, "continue from the latest checkpoint in --out")
-    progress: bool = opt(True, "show a progress bar")
+    data: str | None = option(None, "text file or folder of .txt/.md files (or prepared shards) to train on", text(optional=True))
+    out: str = option("runs/run", "run directory: model, tokenizer, checkpoints, metrics", text())
+    task: str = option("causal-lm", "training task: objective and data (a key of llmkit.objectives.TASKS: causal-lm)", text())
+    preset: str = option("baby-gpt", "model preset (see `llmkit presets`)", text())
+    model: dict | None = option(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
+    n_layers: int | None = option(None, "override the preset's number of layers", integer(1, 4096, optional=True))
+    d_model: int | None = option(None, "override the preset's width", integer(1, 1 << 20, optional=True))
+    n_heads: int | None = option(None, "override the preset's number of attention heads", integer(1, 4096, optional=True))
+    context_length: int | None = option(None, "override the preset's context length", integer(1, 1 << 24, optional=True))
+    dropout: float | None = option(None, "override the preset's dropout", number(0.0, below=1.0, optional=True))
+    tokenizer: str = option("char", "tokenizer to train on the data: char or bpe", one_of("char", "bpe"))
+    vocab_size: int = option(4096, "vocabulary size when --tokenizer bpe", integer(1, MAX_VOCAB))
+    batch_size: int = option(12, "windows per micro-batch per process", integer(1, 1 << 20))
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", integer(1, 1 << 20))
+    max_steps: int = option(2000, "optimizer steps", COUNT)
+    lr: float = option(1e-3, "peak learning rate", number(above=0.0, max=10.0))
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", number(0.0, max=10.0))
+    warmup_steps: int = option(100, "linear warm-up steps", NONNEGATIVE)
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (not on norms, biases, embeddings)", number(0.0, max=100.0))
+    beta1: float = option(0.9, "AdamW beta1", number(0.0, below=1.0))
+    beta2: float = option(0.99, "AdamW beta2", number(0.0, below=1.0))
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", number(0.0))
+    val_fraction: float = option(0.1, "fraction of the tokens held out for validation", number(0.0, below=1.0))
+    eval_every: int = option(250, "evaluate on the validation split every N steps (0 = only at the end)", NONNEGATIVE)
+    eval_batches: int = option(20, "validation batches per evaluation", integer(1, 1 << 20))
+    patience: int = option(0, "early stopping: evaluations without improvement before stopping (0 = off)", NONNEGATIVE)
+    min_delta: float = option(0.0, "early stopping: improvement smaller than this does not count", number(0.0))
+    ckpt_every: int = option(500, "write a checkpoint every N steps (0 = only at the end)", NONNEGATIVE)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", integer(1, 1 << 20))
+    log_every: int = option(10, "log training loss every N steps", COUNT)
+    max_nonfinite_steps: int = option(3, "stop when this many steps in a row have a NaN/inf loss or gradient "
+                                         "norm (their updates are skipped); 1 = stop at the first", integer(1, 1 << 20))
+    seed: int = option(1337, "random seed (data order, init, dropout)", SEED)
+    dtype: str = option("auto", "compute dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16",
+                        one_of("auto", "fp32", "bf16", "fp16"))
+    device: str = option("auto", "auto, cpu or cuda", one_of("auto", "cpu", "cuda"))
+    compile: bool = option(False, "torch.compile the model", flag())
+    resume: bool = option(False, "continue from the latest checkpoint in --out", flag())
+    force: bool = option(False, "start a new run in --out even though it holds a model, tokenizer or run "
+                                "(which it replaces)", flag())
+    progress: bool = option(True, "show a progress bar", flag())
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints", "log_every", "vocab_size")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "patience", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if self.tokenizer not in ("char", "bpe"):
-            raise UserError(f"unknown tokenizer {self.tokenizer!r}: choose char or bpe")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise UserError(f"unknown dtype {self.dtype!r}: choose auto, fp32, bf16 or fp16")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"unknown device {self.device!r}: choose auto, cpu or cuda")
+        """Every field by its rule, then what relates fields: one line naming the option on failure."""
+        check_fields(self)
+        if self.min_lr > self.lr:
+            raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.model is not None:
+            if not isinstance(self.model, dict) or not all(isinstance(k, str) for k in self.model):
+                raise UserError(f"model must be a mapping of model config fields to values, got {self.model!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("device cuda but no CUDA GPU is visible (this PyTorch build or machine has none): "
+                                "use --device cpu or auto")
         from llmkit.objectives import TASKS  # here, not at the top: `llmkit --help` imports no torch
 
         if self.task not in TASKS:
@@ -99,36 +104,58 @@ def field_names() -> list[str]:
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe: a mapping of TrainConfig field names to values."""
+    """Read a YAML recipe: a mapping of TrainConfig field names to values, each checked by its
+    option's rule here, so a wrong type is one line naming the recipe and the key."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder: pass a YAML file (see recipes/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"recipe not found: {path}: see recipes/ for examples") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text: pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise UserError(f"recipe {path} must be a mapping of option: value")
+        raise UserError(f"recipe {path} must be a mapping of option: value, got a {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise UserError(f"recipe {path}: keys must be option names, got {bad_keys[0]!r}: valid keys are {field_names()}")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
         raise UserError(f"recipe {path}: unknown keys {unknown}: valid keys are {field_names()}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in data.items():
+        rule = rule_of(fields[key])
+        if rule is not None:
+            data[key] = rule.check(value, f"recipe {path}: {key}")
+        elif value is not None and not isinstance(value, dict):
+            raise UserError(f"recipe {path}: {key} must be a mapping, got {type(value).__name__} {value!r}")
     return data
 
 
+# options that describe one invocation, never carried over from a saved run's train_config.json
+_PER_INVOCATION = ("resume", "force")
+
+
 def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
-    """defaults < recipe < flags (flags given as None are 'not set')."""
+    """defaults < (a resumed run's saved options) < recipe < flags (flags given as None are 'not set').
+    Everything is checked here, before any file is read for training or written."""
     values: dict[str, Any] = {}
     saved = Path(flags.get("out") or "") / "train_config.json"
     if flags.get("resume") and saved.is_file():  # a resumed run keeps its options unless overridden
-        values.update(json.loads(saved.read_text()))
-        values["resume"] = True
+        stored = read_json_object(saved)
+        values.update({k: v for k, v in stored.items() if k in field_names() and k not in _PER_INVOCATION})
     if recipe is not None:
         values.update(load_recipe(recipe))
     values.update({k: v for k, v in flags.items() if v is not None})
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise UserError(f"unknown training options {unknown}: valid options are {field_names()}")
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    return TrainConfig(**values)
