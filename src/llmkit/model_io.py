@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import UserError
-from llmkit.outputs import temp_path
+from llmkit.outputs import as_os_error, temp_path
 from llmkit.models.kinds import (finish_loading, kind_of_config, load_config, save_config, tie_weights,
                                  tied_parameters)
 
@@ -41,7 +41,10 @@ def save_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     path = Path(path)
     tmp = temp_path(path)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors come as text: give the OSError they are
+            raise as_os_error(e, tmp) from None
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -136,6 +136,8 @@ def flag() -> Rule:
 SEED = integer(0, 2**32 - 1)  # what numpy accepts and torch mixes without overflow
 COUNT = integer(1, 2**31 - 1)  # a positive count that fits every index type
 NONNEGATIVE = integer(0, 2**31 - 1)
+MAX_VOCAB = 1 << 22  # token ids are stored as uint32; no tokenizer in use comes near 4M entries
+VOCAB_SIZE = integer(1, MAX_VOCAB)
 
 
 def option(default: Any, help: str, rule: Rule | None = None) -> Any:

@@ -164,6 +164,18 @@ def remove_stale_temps(folder: str | Path) -> int:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
+def as_os_error(e: Exception, path: str | Path) -> Exception:
+    """The OSError inside a library's I/O error that reports it only as text ("... (os error 28)",
+    "file write failed"), so it is answered like any other full disk; `e` itself otherwise."""
+    import re
+
+    found = re.search(r"os error (\d+)", str(e))
+    if found:
+        code = int(found[1])
+        return OSError(code, os.strerror(code), str(path))
+    return e
+
+
 def write_error_message(e: OSError) -> str:
     """One line for an OSError met while reading or writing: the path, the cause and what to do."""
     where = f" {e.filename}" if e.filename else ""

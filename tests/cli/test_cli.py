@@ -2,7 +2,6 @@
 no traceback, nothing already written lost."""
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,38 +9,9 @@ from pathlib import Path
 import pytest
 
 from llmkit.cli.demo import builtin_corpus
-from llmkit.cli.main import build_parser, main
+from cli_helpers import run_cli, snapshot
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(builtin_corpus()[:40_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    code = main(["train", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--context-length", "32",
-                 "--batch-size", "4", "--max-steps", "20", "--eval-every", "10", "--eval-batches", "2",
-                 "--ckpt-every", "10", "--no-progress"])
-    assert code == 0
-    return out
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+from llmkit.cli.main import build_parser
 
 
 def test_help_lists_every_verb_and_option_defaults(capsys):

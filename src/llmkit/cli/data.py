@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from llmkit.options import integer
+
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -32,8 +34,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or file (tokenizer.json, vocab.json, .model)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
     p.add_argument("--text-field", default="text", help="the record field holding the text (JSONL/JSON/CSV/Parquet)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--workers", type=integer(1, 1024).parse, default=os.cpu_count() or 1, help="tokenizing processes")
+    p.add_argument("--shard-tokens", type=integer(1, 2**40).parse, default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per shard file")
     p.add_argument("--skip-bad-records", action="store_true", help="skip (and count) records that are not JSON or lack the field")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llmkit import outputs
+from llmkit.options import COUNT, integer
+
 
 def builtin_corpus() -> str:
     """~460 kB of English prose and code: the reference topics `help()` shows, shipped with Python."""
@@ -20,9 +23,9 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="train on this text file or folder instead")
     p.add_argument("--out", default="runs/demo", help="run directory (a fresh -N suffix if it exists)")
-    p.add_argument("--max-steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--max-steps", type=COUNT.parse, default=1500, help="optimizer steps")
     p.add_argument("--prompt", default="The ", help="prompt for the sample")
-    p.add_argument("--sample-tokens", type=int, default=400, help="characters to generate")
+    p.add_argument("--sample-tokens", type=integer(0, 1 << 20).parse, default=400, help="characters to generate")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=run)
 
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     data = args.data
     if data is None:
         out.mkdir(parents=True)
+        outputs.mark_created(out)  # the run trains into this fresh folder beside its corpus
         data = str(out / "corpus.txt")
         atomic_write_text(data, builtin_corpus())
         print(f"training on the Python Language Reference shipped with Python ({Path(data).stat().st_size / 1e3:.0f} kB)")

@@ -7,19 +7,36 @@ import sys
 
 from llmkit.cli.args import add_dataclass_options, given
 from llmkit.generation.generate import GenerationConfig
+from llmkit.options import integer
+
+
+def device_option(text: str) -> str:
+    """argparse `type=` for --device: cpu, cuda or cuda:N, and a GPU must be there for cuda."""
+    if text == "cpu":
+        return text
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible (this PyTorch build or machine has "
+                                             "none): use --device cpu")
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} GPU(s) are visible")
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
 
 
 def add_decoding_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and `chat`."""
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (default: none)")
-    p.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=int, default=[],
+    p.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=integer(0, 2**31 - 1).parse, default=[],
                    help="stop token id besides EOS; repeat for several (default: none)")
     p.add_argument("--draft", default=None, help="draft model directory: speculative decoding (default: none)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or folder (default: the one in the model directory)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="cast the weights (default: as stored)")
     add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids"))
 
 
@@ -29,7 +46,9 @@ def decoding_settings(args: argparse.Namespace) -> GenerationConfig:
         settings["temperature"] = 0.0
     settings["stop"] = list(args.stop)
     settings["stop_token_ids"] = list(args.stop_token_ids)
-    return GenerationConfig(**settings)
+    cfg = GenerationConfig(**settings)
+    cfg.validate()
+    return cfg
 
 
 def load_draft(args: argparse.Namespace):

@@ -7,7 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from llmkit import outputs
 from llmkit.errors import UserError
+from llmkit.options import VOCAB_SIZE, integer
 from llmkit.tokenizers import BUILDERS, Tokenizer, load_tokenizer, read_text_file, train_tokenizer
 from llmkit.tokenizers.train import DEFAULT_SPECIAL_TOKENS, NORMALIZERS
 
@@ -16,16 +18,21 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 def cmd_train(args: argparse.Namespace) -> int:
     specials = [s for s in args.special_tokens.split(",") if s] if args.special_tokens is not None else None
+    out = Path(args.out)
+    replacing = outputs.claim(out, force=args.force)  # before the (long) training: nothing is lost
+    outputs.check_writable(out.parent if out.parent != Path("") else Path("."))
     tok = train_tokenizer(
         args.kind, args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
         special_tokens=specials, lowercase=args.lowercase, normalization=args.normalization,
     )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory")
+    if replacing:  # --force: the folder's old contents go, so no stale model or vocabulary stays beside it
+        outputs.remove_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
     print(f"trained {args.kind} tokenizer: vocab {tok.vocab_size}, special {tok.special_tokens} -> {out}")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: the corpus yields only {tok.vocab_size} of the {args.vocab_size} entries asked for "
+              "(every merge or piece it supports is in)")
     return 0
 
 
@@ -103,9 +110,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a tokenizer on text files", formatter_class=FORMATTER)
     p.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files")
     p.add_argument("--kind", choices=sorted(BUILDERS), default="bpe", help="tokenizer algorithm")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
-    p.add_argument("--out", required=True, help="directory to save the tokenizer into")
-    p.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (bpe, wordpiece)")
+    p.add_argument("--vocab-size", type=VOCAB_SIZE.parse, required=True,
+                   help="vocabulary size, special tokens included")
+    p.add_argument("--out", required=True, help="directory to save the tokenizer into (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace what --out holds (a tokenizer, model or run)")
+    p.add_argument("--min-frequency", type=integer(0, 2**31 - 1).parse, default=2,
+                   help="least count for a merge (bpe, wordpiece)")
     p.add_argument("--special-tokens", default=None,
                    help=f"comma-separated special tokens (default: {','.join(DEFAULT_SPECIAL_TOKENS)})")
     p.add_argument("--lowercase", action="store_true", help="lowercase text before tokenizing")
@@ -135,7 +145,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
                        formatter_class=FORMATTER)
     p.add_argument("tokenizer", metavar="DIR_OR_FILE", help="tokenizer directory or file")
     p.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files")
-    p.add_argument("--top", type=int, default=20, help="how many of the most frequent tokens to list")
+    p.add_argument("--top", type=integer(0, 1 << 20).parse, default=20, help="how many of the most frequent tokens to list")
     p.set_defaults(func=cmd_stats)
 
 

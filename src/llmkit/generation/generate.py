@@ -13,6 +13,7 @@ import torch
 
 import llmkit.generation.sampling as sampling
 from llmkit.errors import UserError
+from llmkit.options import check_fields, flag, integer, number, option
 from llmkit.generation.beam import beam_search
 from llmkit.generation.decode_loop import (check_model, check_prompt, decode_threads, make_generator, model_device,
                                           prefill, prepare, step, stop_ids_of)
@@ -23,38 +24,33 @@ from llmkit.generation.streaming import TextStreamer, cut_at_stop
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate at most"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 = greedy"})
-    top_k: int | None = field(default=None, metadata={"help": "sample among the k most likely tokens"})
-    top_p: float | None = field(default=None, metadata={"help": "nucleus: smallest set with this probability mass"})
-    min_p: float | None = field(default=None, metadata={"help": "drop tokens below min_p * top probability"})
-    typical_p: float | None = field(default=None, metadata={"help": "locally typical sampling mass"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty on tokens already seen"})
-    frequency_penalty: float = field(default=0.0, metadata={"help": "subtract per earlier occurrence in the output"})
-    presence_penalty: float = field(default=0.0, metadata={"help": "subtract once if the token is in the output"})
-    num_beams: int = field(default=1, metadata={"help": "beam search with this many beams (1 = off)"})
-    length_penalty: float = field(default=1.0, metadata={"help": "beam score = log-prob / length**this"})
-    early_stopping: bool = field(default=False, metadata={"help": "beam search stops once num_beams hypotheses end"})
-    num_draft_tokens: int = field(default=4, metadata={"help": "speculative decoding: draft tokens per round"})
+    """Every decoding setting; each is checked by its rule (`llmkit.options`) in `validate`, which
+    every entry point calls, so a bad value is one line whether it came from a flag or Python."""
+
+    max_new_tokens: int = option(200, "tokens to generate at most", integer(0, 1 << 24))
+    temperature: float = option(1.0, "softmax temperature; 0 = greedy", number(0.0, max=1e4))
+    top_k: int | None = option(None, "sample among the k most likely tokens", integer(0, 1 << 31, optional=True))
+    top_p: float | None = option(None, "nucleus: smallest set with this probability mass", number(above=0.0, max=1.0, optional=True))
+    min_p: float | None = option(None, "drop tokens below min_p * top probability", number(0.0, max=1.0, optional=True))
+    typical_p: float | None = option(None, "locally typical sampling mass", number(above=0.0, max=1.0, optional=True))
+    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already seen", number(above=0.0, max=1e4))
+    frequency_penalty: float = option(0.0, "subtract per earlier occurrence in the output", number(-1e4, 1e4))
+    presence_penalty: float = option(0.0, "subtract once if the token is in the output", number(-1e4, 1e4))
+    num_beams: int = option(1, "beam search with this many beams (1 = off; at most the vocabulary size)", integer(1, 1 << 16))
+    length_penalty: float = option(1.0, "beam score = log-prob / length**this", number(-1e4, 1e4))
+    early_stopping: bool = option(False, "beam search stops once num_beams hypotheses end", flag())
+    num_draft_tokens: int = option(4, "speculative decoding: draft tokens per round", integer(1, 1024))
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)  # plus the tokenizer's EOS
-    seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
+    seed: int | None = option(None, "random seed for sampling", integer(0, 2**63 - 1, optional=True))
 
     def validate(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (self.top_p is None or 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.min_p is None or 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.typical_p is None or 0.0 < self.typical_p <= 1.0, f"typical_p must be in (0, 1], got {self.typical_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
-            (self.num_draft_tokens >= 1, f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        check_fields(self)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise UserError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmkit.errors import UserError
+from llmkit.options import VOCAB_SIZE, integer
 from llmkit.textio import read_text
 from llmkit.tokenizers.base import Tokenizer, guess_special_roles
 from llmkit.tokenizers.char import CharTokenizer
@@ -183,6 +184,8 @@ def train_tokenizer(
         raise UserError("nothing to train on: pass text files (or texts=...)")
     specials = list(dict.fromkeys(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens))
     opts = TrainOptions(vocab_size, min_frequency, specials, guess_special_roles(specials), lowercase, normalization)
+    VOCAB_SIZE.check(vocab_size, "vocab_size")
+    integer(0).check(min_frequency, "min_frequency")
     if vocab_size <= len(specials):
         raise UserError(f"vocab_size {vocab_size} leaves no room beyond {len(specials)} special tokens: raise it")
     builder = BUILDERS[kind]

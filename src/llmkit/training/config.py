@@ -11,11 +11,9 @@ from typing import Any
 import yaml
 
 from llmkit.errors import UserError
-from llmkit.options import (COUNT, NONNEGATIVE, SEED, check_fields, flag, integer, number, one_of, option, rule_of,
+from llmkit.options import (COUNT, NONNEGATIVE, SEED, VOCAB_SIZE, check_fields, flag, integer, number, one_of, option, rule_of,
                             text)
 from llmkit.utils import read_json_object
-
-MAX_VOCAB = 1 << 22  # token ids are stored as uint32; no tokenizer in use comes near 4M entries
 
 
 @dataclass
@@ -31,7 +29,7 @@ class TrainConfig:
     context_length: int | None = option(None, "override the preset's context length", integer(1, 1 << 24, optional=True))
     dropout: float | None = option(None, "override the preset's dropout", number(0.0, below=1.0, optional=True))
     tokenizer: str = option("char", "tokenizer to train on the data: char or bpe", one_of("char", "bpe"))
-    vocab_size: int = option(4096, "vocabulary size when --tokenizer bpe", integer(1, MAX_VOCAB))
+    vocab_size: int = option(4096, "vocabulary size when --tokenizer bpe", VOCAB_SIZE)
     batch_size: int = option(12, "windows per micro-batch per process", integer(1, 1 << 20))
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", integer(1, 1 << 20))
     max_steps: int = option(2000, "optimizer steps", COUNT)
