@@ -57,9 +57,13 @@ def test_special_tokens_are_never_split(trained, kind):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
-def test_add_special_tokens_prepends_bos(trained, kind):
+def test_decoder_tokenizers_add_no_bos_as_training_never_saw_one(trained, kind):
+    """Decoders train on eos-separated documents, and generation encodes prompts with
+    add_special_tokens=True: a bos there would be a token the model never saw."""
     tok = trained[kind]
-    assert tok.encode("hello", add_special_tokens=True) == [tok.bos_id] + tok.encode("hello")
+    assert tok.bos_id is not None
+    assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello")
+    assert tok.encode_prompt("hello") == tok.encode("hello")
 
 
 def test_wordpiece_add_special_tokens_wraps_in_bos_eos(trained):

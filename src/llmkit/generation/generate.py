@@ -197,7 +197,9 @@ def _until_stop(row: list[int], stop: torch.Tensor) -> list[int]:
 # --- text --------------------------------------------------------------------------------------------
 
 def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt)
+    """The prompt's ids as the tokenizer adds special tokens to a prompt (bos for Llama-style
+    tokenizers, as transformers does; never an eos: a prompt is continued, not ended)."""
+    ids = tokenizer.encode_prompt(prompt)
     if not ids and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id]
     return ids

@@ -20,11 +20,12 @@ from llmkit.interop.hf import check_exportable, export_hf, is_hf_dir, load_hf
 from llmkit.interop.llama2c import load_llama2c
 from llmkit.model_io import load_model, save_model
 from llmkit.models.kinds import num_params
-from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+from llmkit.tokenizers.base import TOKENIZERS, Tokenizer, load_tokenizer
 
 FORMATS = ("llmkit", "hf", "llama2c")
 TARGETS = ("llmkit", "hf")
-# files whose presence means "this folder carries a tokenizer" (then it must load)
+# files whose presence means "this folder carries a tokenizer" (then it must load), besides any
+# folder a registered tokenizer kind recognises (llmkit's char_tokenizer.json, ...)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -59,9 +60,19 @@ def find_tokenizer(source: Path, tokenizer: str | Path | None) -> Tokenizer | No
     """The tokenizer given explicitly, else the one inside the source folder, else None."""
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    if source.is_dir() and any((source / f).is_file() for f in TOKENIZER_FILES):
+    if source.is_dir() and (any((source / f).is_file() for f in TOKENIZER_FILES)
+                            or any(kind.can_load(source) for kind in TOKENIZERS.values())):
         return load_tokenizer(source)
     return None
+
+
+def _check_apart(src: Path, out: Path) -> None:
+    """--out must not overlap the input: replacing it (--force) would delete what is being read."""
+    s, o = src.resolve(), out.resolve()
+    where = ("the input" if o == s else "inside the input" if s in o.parents
+             else "a folder containing the input" if o in s.parents else None)
+    if where is not None:
+        raise UserError(f"--out {out} is {where} {src}: choose another folder")
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -89,6 +100,7 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
         raise UserError(f"unknown target format {to!r}: choose one of {', '.join(TARGETS)}")
     if family is not None and to != "hf":
         raise UserError("--family only applies to --to hf: drop it or add --to hf")
+    _check_apart(src, out)
     _prepare_out(out, force)
     fmt = detect_format(src)
     model = load_any(src, dtype)
@@ -112,12 +124,17 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old `out` (allowed by --force) goes only after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+    """Rename the finished folder into place; an old `out` (allowed by --force) goes only after,
+    and comes back if the rename fails."""
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
         tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

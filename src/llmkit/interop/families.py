@@ -132,6 +132,7 @@ LLAMA_TENSORS = _rules(
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+SCALING_KEYS = {"linear": ("factor",), "llama3": _LLAMA3_KEYS}  # what transformers requires of each type
 
 
 def _require(cond: bool, message: str) -> None:
@@ -170,9 +171,15 @@ def gpt2_from_llmkit(cfg: ModelConfig) -> dict[str, Any]:
                 resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
 
 
-def rope_from_hf(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _missing(params: dict[str, Any], kind: str) -> list[str]:
+    return [k for k in SCALING_KEYS.get(kind, ()) if params.get(k) is None]
+
+
+def rope_from_hf(c: dict[str, Any], context_length: int | None = None) -> tuple[float, dict[str, Any] | None]:
     """(theta, llmkit rope_scaling) from either transformers v5 `rope_parameters` or v4
-    `rope_theta` + `rope_scaling`."""
+    `rope_theta` + `rope_scaling`. Keys transformers requires are required here too; the one it
+    fills in (llama3's original_max_position_embeddings = the model's max_position_embeddings,
+    `standardize_rope_params`) is filled the same way from `context_length`."""
     params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", _get(c, "rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -180,15 +187,26 @@ def rope_from_hf(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
              f"config.json: rope type {kind!r} is not supported: llmkit loads {', '.join(ROPE_TYPES)}")
     if kind == "default":
         return theta, None
-    if kind == "linear":
-        return theta, {"type": "linear", "factor": float(params["factor"])}
-    return theta, {"type": "llama3", **{k: params[k] for k in _LLAMA3_KEYS if k in params}}
+    if kind == "llama3" and context_length is not None:
+        params.setdefault("original_max_position_embeddings", context_length)
+    missing = _missing(params, kind)
+    _require(not missing, f"config.json: {kind} rope scaling lacks {', '.join(missing)}: add them to rope_parameters "
+                          "(transformers refuses the file too)")
+    return theta, {"type": kind, **{k: params[k] for k in SCALING_KEYS[kind]}}
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """Both spellings: `rope_parameters` for transformers v5, `rope_theta`/`rope_scaling` for v4."""
+    """Both spellings: `rope_parameters` for transformers v5, `rope_theta`/`rope_scaling` for v4.
+    A scaling missing a key transformers needs is refused: llmkit's own fallbacks for llama3
+    (nn/positions.py) are not transformers' (it has none for the frequency factors, and takes
+    max_position_embeddings for the original length), so writing the file anyway would change the model."""
     scaling = dict(cfg.rope_scaling or {})
     kind = scaling.pop("type", scaling.pop("rope_type", "default"))
+    missing = _missing(scaling, kind)
+    hint = (" (Llama 3.1 uses factor 8, low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)"
+            if kind == "llama3" else "")
+    _require(not missing, f"this model's {kind} rope_scaling lacks {', '.join(missing)}, which transformers requires: "
+                          f"set them in the model config's rope_scaling{hint}")
     params = {"rope_type": kind, "rope_theta": cfg.rope_base, **scaling}
     v4 = None if kind == "default" else {"rope_type": kind, **scaling}
     return {"rope_parameters": params, "rope_theta": cfg.rope_base, "rope_scaling": v4}
@@ -200,10 +218,10 @@ def _llama_like(c: dict[str, Any], defaults: dict[str, Any], qkv_bias: bool, bia
     _require(act == "silu", f"config.json: hidden_act {act!r} is not supported for this family: only 'silu' (SwiGLU)")
     n_heads = _get(c, "num_attention_heads", defaults["num_attention_heads"])
     d = _get(c, "hidden_size", defaults["hidden_size"])
-    theta, scaling = rope_from_hf(c)
+    context_length = _get(c, "max_position_embeddings", defaults["max_position_embeddings"])
+    theta, scaling = rope_from_hf(c, context_length)
     return ModelConfig(
-        vocab_size=_get(c, "vocab_size", defaults["vocab_size"]),
-        context_length=_get(c, "max_position_embeddings", defaults["max_position_embeddings"]),
+        vocab_size=_get(c, "vocab_size", defaults["vocab_size"]), context_length=context_length,
         n_layers=_get(c, "num_hidden_layers", defaults["num_hidden_layers"]), d_model=d, n_heads=n_heads,
         n_kv_heads=_get(c, "num_key_value_heads", n_heads), head_dim=_get(c, "head_dim", d // n_heads),
         mlp="swiglu", d_ff=_get(c, "intermediate_size", defaults["intermediate_size"]), norm="rmsnorm",

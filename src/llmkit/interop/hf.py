@@ -2,6 +2,11 @@
 config.json + safetensors (one file or shards with an index), `export_hf(model, ...)` writes a
 directory `transformers.AutoModelForCausalLM.from_pretrained` reads with the same logits.
 
+A folder is read the way transformers 5 reads it, so both give the same logits: the same weight
+files (`weight_files`: model.safetensors before an index; stray *.safetensors ignored) and the same
+tie rule (a stored lm_head.weight that differs from the embedding is kept, whatever
+tie_word_embeddings says).
+
 Loading never materialises the checkpoint twice: the model is built with its random init skipped,
 so its parameters are untouched (never resident) memory, and the checkpoint's tensors replace them
 (`load_state_dict(assign=True)`). (Not the meta device: its first use in a process imports torch's
@@ -12,9 +17,11 @@ resident on top of the copy.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +41,7 @@ from llmkit.utils import atomic_write_text
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
+HEAD = "lm_head.weight"
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.safetensors$")
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -78,15 +86,15 @@ def _shard_gaps(files: list[Path]) -> list[str]:
             for (stem, total), have in groups.items() for k in range(1, int(total) + 1) if k not in have]
 
 
-def _index_map(directory: Path) -> dict[str, Path]:
-    path = directory / INDEX
+def _index_map(directory: Path, index: str = INDEX) -> dict[str, Path]:
+    path = directory / index
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a valid safetensors index ({e}): download it again") from None
     missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
     if missing:
-        raise UserError(f"{INDEX} in {directory} points to missing file(s) {', '.join(missing[:3])}: "
+        raise UserError(f"{index} in {directory} points to missing file(s) {', '.join(missing[:3])}: "
                         "download the missing shard(s) again")
     return {name: directory / f for name, f in weight_map.items()}
 
@@ -98,18 +106,56 @@ def _open(path: Path):
         raise UserError(f"cannot read {path}: {e}; the file is truncated or corrupt, download it again") from None
 
 
-def _scan_map(directory: Path) -> dict[str, Path]:
+def _file_map(path: Path) -> dict[str, Path]:
+    return {name: path for name in _open(path).keys()}
+
+
+def _explicit_map(directory: Path, name: Any) -> dict[str, Path]:
+    """config.json's `transformers_weights`: the one file (or index) transformers is told to read."""
+    path = directory / str(name)
+    if not (isinstance(name, str) and name.endswith((".safetensors", ".safetensors.index.json"))
+            and path.resolve().is_relative_to(directory.resolve())):
+        raise UserError(f"config.json sets transformers_weights to {name!r}: it must name a .safetensors file "
+                        "or a .safetensors.index.json inside the model directory; fix or remove the key")
+    if not path.is_file():
+        raise UserError(f"config.json names transformers_weights {name!r}, which is not in {directory}: "
+                        "download it again or remove the key")
+    return _index_map(directory, name) if name.endswith(".index.json") else _file_map(path)
+
+
+def weight_files(directory: Path, config: dict[str, Any]) -> dict[str, Path]:
+    """Tensor name -> file, from exactly the files `transformers.AutoModelForCausalLM.from_pretrained`
+    reads in a local folder (5.x `_get_resolved_checkpoint_files`): the file config.json's
+    `transformers_weights` names, else model.safetensors, else the shards model.safetensors.index.json
+    lists. Any other *.safetensors beside them is ignored, as transformers ignores it.
+
+    Without either, transformers loads nothing; llmkit then reads one complete `stem-0000k-of-0000n`
+    shard set that is the folder's only *.safetensors (an index lost in a copy: one reading only) and
+    refuses every other mix, naming the files."""
+    if config.get("transformers_weights") is not None:
+        return _explicit_map(directory, config["transformers_weights"])
+    if (directory / WEIGHTS).is_file():
+        return _file_map(directory / WEIGHTS)
+    if (directory / INDEX).is_file():
+        return _index_map(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UserError(f"{directory} has {CONFIG} but no *.safetensors weights: download the safetensors "
                         "files (pickled pytorch_model.bin is not read)")
     gaps = _shard_gaps(files)
     if gaps:
-        raise UserError(f"shard {', '.join(gaps[:3])} is missing from {directory}: download it again")
-    out: dict[str, Path] = {}
-    for f in files:
-        out.update({name: f for name in _open(f).keys()})
-    return out
+        raise UserError(f"shard {', '.join(gaps[:3])} is missing from {directory}, and so is {INDEX}: "
+                        "download them again")
+    sets = {(m["stem"], m["total"]) for m in map(_SHARD.match, (f.name for f in files)) if m}
+    if len(sets) == 1 and all(_SHARD.match(f.name) for f in files):
+        out: dict[str, Path] = {}
+        for f in files:
+            out.update(_file_map(f))
+        return out
+    names = ", ".join(f.name for f in files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
+    raise UserError(f"{directory} has {names} but neither {WEIGHTS} nor {INDEX}, so it is unclear which "
+                    f"to load (transformers loads none): rename the checkpoint file to {WEIGHTS} or download "
+                    f"{INDEX}, and remove the other files")
 
 
 class Checkpoint:
@@ -130,6 +176,14 @@ class Checkpoint:
 
     def names(self) -> set[str]:
         return set(self._where)
+
+    def alias(self, name: str, existing: str) -> None:
+        """Make `name` read the stored tensor `existing`."""
+        self._where[name] = self._where[existing]
+
+    def same_tensor(self, a: str, b: str) -> bool:
+        """Whether two names read one stored tensor (an alias)."""
+        return self._where[a] == self._where[b]
 
     def _slice(self, name: str):
         path, original = self._where[name]
@@ -186,9 +240,9 @@ class Checkpoint:
 
 
 @contextmanager
-def open_checkpoint(directory: Path, family: Family) -> Iterator[Checkpoint]:
-    where = _index_map(directory) if (directory / INDEX).is_file() else _scan_map(directory)
-    ckpt = Checkpoint(where, family)
+def open_checkpoint(directory: Path, family: Family, config: dict[str, Any]) -> Iterator[Checkpoint]:
+    """The checkpoint transformers would load from `directory` (see `weight_files`)."""
+    ckpt = Checkpoint(weight_files(directory, config), family)
     try:
         yield ckpt
     finally:
@@ -250,7 +304,7 @@ def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.
     """The same table run backwards: HF tensor name -> tensor, each its own contiguous storage."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
+        if name == HEAD and cfg.tie_embeddings:
             continue
         rule, layer = _match(family.tensors, name)
         parts = TRANSFORMS[rule.transform][1](tensor.detach(), cfg)
@@ -279,6 +333,16 @@ def _skipping_init() -> Iterator[None]:
 
 # --- public API ------------------------------------------------------------------------------
 
+def _stored_head_differs(ckpt: Checkpoint, emb: str, dtype: torch.dtype) -> bool:
+    """Whether the checkpoint holds an lm_head.weight that is not the embedding. transformers 5 then
+    keeps both untied (it compares them exactly, in the dtype it loads), whatever config.json says."""
+    if HEAD not in ckpt or emb not in ckpt or ckpt.same_tensor(HEAD, emb):
+        return False
+    if ckpt.shape(HEAD) != ckpt.shape(emb):
+        return True
+    return not torch.equal(ckpt.get(HEAD).to(dtype), ckpt.get(emb).to(dtype))
+
+
 def config_from_hf(directory: str | Path) -> ModelConfig:
     """The `ModelConfig` of an HF directory (no weights read)."""
     config = read_config(Path(directory))
@@ -297,17 +361,24 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     family = family_of(config)
     cfg = family.to_llmkit(config)
     wanted = parse_dtype(dtype)
-    with _skipping_init():
-        model = build_model(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    with open_checkpoint(directory, family) as ckpt:
+    with open_checkpoint(directory, family, config) as ckpt:
         emb = family.tensors[0].hf[0]
+        if cfg.tie_embeddings and emb not in ckpt and HEAD in ckpt:
+            ckpt.alias(emb, HEAD)  # transformers ties the other way round: the stored head is the embedding too
         target = wanted or (ckpt.dtype(emb) if emb in ckpt else torch.float32)
         check_runnable(target, device)
+        if cfg.tie_embeddings and _stored_head_differs(ckpt, emb, target):
+            warnings.warn(f"{directory}: config.json ties the embeddings but the checkpoint stores a different "
+                          f"{HEAD}; using the stored head, as transformers does (set tie_word_embeddings=false "
+                          "to silence this)", stacklevel=2)
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+        with _skipping_init():
+            model = build_model(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if not (cfg.tie_embeddings and k == HEAD)}
         state = hf_to_llmkit_state(family, cfg, expected, ckpt, target)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # a gap in the family's table: our bug
+    if unexpected or set(missing) - {HEAD}:  # a gap in the family's table: our bug
         raise RuntimeError(f"conversion table incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tie_weights(model)
     return model.to(device=device, dtype=target).eval()
@@ -344,10 +415,10 @@ def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", famil
     cfg = model.cfg
     fam = family_for_export(cfg, family)
     wanted = parse_dtype(dtype)
-    tensors = llmkit_to_hf_state(fam, cfg, state_dict_for_saving(model), wanted)
     stored = wanted or model.tok_emb.weight.dtype
     config: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type,
                               **fam.from_llmkit(cfg), "dtype": _TORCH_DTYPE_NAMES.get(stored, "float32")}
+    tensors = llmkit_to_hf_state(fam, cfg, state_dict_for_saving(model), wanted)
     if tokenizer is not None:
         config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                                          ("pad_token_id", tokenizer.pad_id)) if v is not None})

@@ -50,6 +50,22 @@ class Tokenizer(ABC):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; raises UserError when the text cannot be represented."""
 
+    def adds_special_tokens(self) -> tuple[bool, bool]:
+        """(prepends BOS, appends EOS): what `encode(..., add_special_tokens=True)` adds, read off
+        the empty text (a lone id is taken as the BOS when BOS and EOS are one token)."""
+        ids = self.encode("", add_special_tokens=True)
+        bos = self.bos_id is not None and ids[:1] == [self.bos_id]
+        eos = self.eos_id is not None and len(ids) > bos and ids[-1] == self.eos_id
+        return bos, eos
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt to continue: `encode(text, add_special_tokens=True)`, the ids transformers'
+        `tokenizer(text)` gives (so BOS where the tokenizer adds one: a Llama tokenizer.json's
+        template, SentencePiece as llama2.c prompts it), less the EOS that rule appends, if it
+        appends one: a prompt is to be continued, not ended."""
+        ids = self.encode(text, add_special_tokens=True)
+        return ids[:-1] if ids and self.adds_special_tokens()[1] else ids
+
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 

@@ -1,6 +1,9 @@
 """Tokenizers from the Hugging Face `tokenizers` library: a `tokenizer.json` (with the
-`tokenizer_config.json` beside it: special tokens, chat template, add_bos_token), or GPT-2's
-`vocab.json` + `merges.txt`, turned into the same byte-level BPE GPT-2 and tiktoken's "gpt2" use.
+`tokenizer_config.json` beside it: special tokens, chat template), or GPT-2's `vocab.json` +
+`merges.txt`, turned into the same byte-level BPE GPT-2 and tiktoken's "gpt2" use.
+
+Special tokens are added as transformers 5 adds them: by tokenizer.json's post-processor, with
+tokenizer_config.json's add_bos_token / add_eos_token honoured only beside GPT-2's files.
 
 Saved as `tokenizer.json` + `tokenizer_config.json`, which transformers' `AutoTokenizer` also reads.
 """
@@ -95,28 +98,62 @@ class HFTokenizer(Tokenizer):
         roles = special_tokens if special_tokens is not None else guess_special_roles(specials)
         self._roles = {r: t for r, t in roles.items() if backend.token_to_id(t) is not None}
         self.chat_template = chat_template
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
         vocab = backend.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values(), default=-1) + 1
+        self._own_post = backend.post_processor  # what the tokenizer.json itself adds
+        self._add_bos_token, self._add_eos_token = add_bos_token, add_eos_token
+        self._apply_flags()
+
+    # -- add_bos_token / add_eos_token ------------------------------------------------------------
+    @property
+    def add_bos_token(self) -> bool | None:
+        """Whether `encode(..., add_special_tokens=True)` prepends BOS; None: as tokenizer.json says."""
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool | None) -> None:
+        self._add_bos_token = value
+        self._apply_flags()
+
+    @property
+    def add_eos_token(self) -> bool | None:
+        """Whether `encode(..., add_special_tokens=True)` appends EOS; None: as tokenizer.json says."""
+        return self._add_eos_token
+
+    @add_eos_token.setter
+    def add_eos_token(self, value: bool | None) -> None:
+        self._add_eos_token = value
+        self._apply_flags()
+
+    def _apply_flags(self) -> None:
+        """Put the flags into the backend's post-processor, as transformers' `update_post_processor`
+        does: then `encode` and the saved tokenizer.json (what transformers 5 reads) add the same
+        special tokens. A flag left None keeps what the tokenizer.json's post-processor does."""
+        self.backend.post_processor = self._own_post
+        if self._add_bos_token is None and self._add_eos_token is None:
+            return
+        bos, eos = self._roles.get("bos"), self._roles.get("eos")
+        has_bos, has_eos = self.adds_special_tokens()
+        want_bos = has_bos if self._add_bos_token is None else bool(self._add_bos_token) and bos is not None
+        want_eos = has_eos if self._add_eos_token is None else bool(self._add_eos_token) and eos is not None
+        if (want_bos, want_eos) == (has_bos, has_eos):
+            return
+        head, tail = [bos] * want_bos, [eos] * want_eos
+        single = " ".join(head + ["$A"] + tail)
+        pair = " ".join(head + ["$A"] + tail + [f"{t}:1" for t in head] + ["$B:1"] + [f"{t}:1" for t in tail])
+        used = dict.fromkeys(head + tail)
+        template = processors.TemplateProcessing(single=single, pair=pair,
+                                                 special_tokens=[(t, self.backend.token_to_id(t)) for t in used])
+        # GPT-2's ByteLevel post-processor only fixes offsets: keep it in front, as train.py does
+        keep = isinstance(self._own_post, processors.ByteLevel)
+        self.backend.post_processor = processors.Sequence([self._own_post, template]) if keep else template
 
     # -- the interface --------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        return self._add_flagged_specials(ids) if add_special_tokens else ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_many(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        rows = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        return [self._add_flagged_specials(r) for r in rows] if add_special_tokens else rows
-
-    def _add_flagged_specials(self, ids: list[int]) -> list[int]:
-        """Honour add_bos_token / add_eos_token when the post-processor did not already add them."""
-        bos, eos = self.bos_id, self.eos_id
-        if self.add_bos_token and bos is not None and ids[:1] != [bos]:
-            ids = [bos] + ids
-        if self.add_eos_token and eos is not None and ids[-1:] != [eos]:
-            ids = ids + [eos]
-        return ids
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def encode_with_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Whole-text ids; a token is a target when its characters overlap a span (from offsets)."""
@@ -163,10 +200,8 @@ class HFTokenizer(Tokenizer):
     def load(cls, directory: str | Path) -> "HFTokenizer":
         directory = Path(directory)
         if (directory / TOKENIZER_FILE).is_file():
-            backend = _backend_from_file(directory / TOKENIZER_FILE)
-        else:
-            backend = gpt2_backend(directory / GPT2_FILES[0], directory / GPT2_FILES[1])
-        return cls._with_config(backend, directory)
+            return cls._with_config(_backend_from_file(directory / TOKENIZER_FILE), directory, flags=False)
+        return cls._with_config(gpt2_backend(directory / GPT2_FILES[0], directory / GPT2_FILES[1]), directory)
 
     @classmethod
     def can_load_file(cls, path: Path) -> bool:
@@ -178,17 +213,20 @@ class HFTokenizer(Tokenizer):
     def load_file(cls, path: Path) -> "HFTokenizer":
         if path.name == GPT2_FILES[0]:
             return cls._with_config(gpt2_backend(path, path.parent / GPT2_FILES[1]), path.parent)
-        return cls._with_config(_backend_from_file(path), path.parent)
+        return cls._with_config(_backend_from_file(path), path.parent, flags=False)
 
     @classmethod
-    def _with_config(cls, backend: BackendTokenizer, directory: Path) -> "HFTokenizer":
+    def _with_config(cls, backend: BackendTokenizer, directory: Path, flags: bool = True) -> "HFTokenizer":
+        """The tokenizer with tokenizer_config.json's roles and template. Its add_bos_token /
+        add_eos_token count only beside vocab.json + merges.txt (`flags`): transformers 5 drops them
+        when a tokenizer.json is there, whose post-processor alone decides, and so does llmkit."""
         config = read_hf_config(directory)
         return cls(
             backend,
             special_tokens=config["roles"] or None,
             chat_template=config["chat_template"],
-            add_bos_token=config["add_bos_token"],
-            add_eos_token=config["add_eos_token"],
+            add_bos_token=config["add_bos_token"] if flags else None,
+            add_eos_token=config["add_eos_token"] if flags else None,
         )
 
 

@@ -5,6 +5,11 @@ rare normalisation and byte-fallback corners).
 Control tokens (`<s>`, `</s>`) and `<unk>` written in the text are matched as single ids, as
 transformers' Llama tokenizer does; the text between them is encoded by SentencePiece unchanged.
 Saved as `tokenizer.model` + `tokenizer_config.json`.
+
+`add_special_tokens=True` prepends BOS unless a tokenizer_config.json beside the model says
+add_bos_token=false: llama2.c and Meta's Llama code prompt with `encode(bos=True)`. (transformers 5
+adds no BOS for a bare .model with no config; the config llmkit saves states the flag, which
+transformers then follows.)
 """
 from __future__ import annotations
 

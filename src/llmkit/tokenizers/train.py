@@ -52,9 +52,12 @@ def _normalizer(opts: TrainOptions) -> normalizers.Normalizer | None:
 
 
 def _template(opts: TrainOptions, with_eos: bool) -> processors.TemplateProcessing | None:
-    """`add_special_tokens=True` prepends bos (and appends eos for encoders) when those exist."""
+    """For encoders (`with_eos`), `add_special_tokens=True` wraps the text in bos ... eos. For
+    decoders it adds nothing: llmkit trains them on documents separated by eos alone, so a prompt
+    (which generation encodes with add_special_tokens=True, as transformers does) goes in as the
+    training text did."""
     bos, eos = opts.roles.get("bos"), opts.roles.get("eos")
-    if bos is None:
+    if bos is None or not with_eos:
         return None
     single = f"{bos} $A" + (f" {eos}" if with_eos and eos else "")
     pair = f"{bos} $A" + (f" {eos}" if with_eos and eos else "") + " $B:1" + (f" {eos}:1" if with_eos and eos else "")
