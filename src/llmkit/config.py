@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALINGS:
                 raise UserError(f"config: unknown rope_scaling type {kind!r}: choose one of {', '.join(ROPE_SCALINGS)}")
+            missing = [name for name in _required_parameters(ROPE_SCALINGS[kind])
+                       if not _is_number(self.rope_scaling.get(name))]
+            if missing:
+                raise UserError(f"config: rope_scaling {kind!r} needs numbers for {', '.join(missing)} "
+                                f"(got {self.rope_scaling}): copy them from the model's original config")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
@@ -148,3 +154,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                         d_ff=1536, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, position="rope",
                         rope_base=10000.0, bias=False, tie_embeddings=True, init_std=0.02),
 }
+
+
+def _required_parameters(fn: Any) -> list[str]:
+    """The parameters of a scaling function after the first (inv_freq) that have no default."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

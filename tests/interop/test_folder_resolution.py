@@ -176,22 +176,26 @@ def _random(cfg: ModelConfig) -> DecoderLM:
     return model
 
 
-def test_export_of_llama3_rope_given_only_factor_is_refused_naming_the_missing_keys(tmp_path):
-    model = _random(ModelConfig(**NATIVE_LLAMA, rope_scaling={"type": "llama3", "factor": 8.0}))
+def test_llama3_rope_given_only_factor_is_refused_naming_the_missing_keys():
+    """transformers has no defaults for these; llmkit's model refuses to guess them, before any export."""
     with pytest.raises(UserError) as err:
-        export_hf(model, None, tmp_path / "out")
-    assert "lacks low_freq_factor, high_freq_factor, original_max_position_embeddings" in str(err.value)
+        ModelConfig(**NATIVE_LLAMA, rope_scaling={"type": "llama3", "factor": 8.0})
+    assert "low_freq_factor, high_freq_factor, original_max_position_embeddings" in str(err.value)
     assert "\n" not in str(err.value)
-    assert not (tmp_path / "out").exists()
 
 
 def test_convert_of_an_incomplete_llama3_model_exits_2_and_leaves_nothing(tmp_path, capsys):
+    """A config.json written before the keys were required (edited here) is refused on load."""
+    import json
+
     from llmkit.cli import main as cli_main
     from llmkit.model_io import save_model
-    save_model(_random(ModelConfig(**NATIVE_LLAMA, rope_scaling={"type": "llama3", "factor": 8.0})),
-               tmp_path / "native")
-    assert cli_main.main(["convert", str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
-    assert "lacks low_freq_factor" in capsys.readouterr().err
+    native = save_model(_random(ModelConfig(**NATIVE_LLAMA, rope_scaling=LLAMA3)), tmp_path / "native")
+    config = json.loads((native / "config.json").read_text())
+    config["rope_scaling"] = {"type": "llama3", "factor": 8.0}
+    (native / "config.json").write_text(json.dumps(config))
+    assert cli_main.main(["convert", str(native), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "low_freq_factor" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]  # no output, no temp folder
 
 

@@ -67,10 +67,10 @@ def _linear_scaling(inv_freq: torch.Tensor, factor: float, **_: Any) -> torch.Te
     return inv_freq / factor
 
 
-def _llama3_scaling(inv_freq: torch.Tensor, factor: float, low_freq_factor: float = 1.0,
-                    high_freq_factor: float = 4.0, original_max_position_embeddings: int = 8192,
-                    **_: Any) -> torch.Tensor:
-    """Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, blend in between."""
+def _llama3_scaling(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int, **_: Any) -> torch.Tensor:
+    """Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, blend in between.
+    Every parameter is required (as in transformers): a default would silently change the model."""
     wavelen = 2 * math.pi / inv_freq
     low_wavelen = original_max_position_embeddings / low_freq_factor
     high_wavelen = original_max_position_embeddings / high_freq_factor
