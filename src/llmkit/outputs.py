@@ -35,6 +35,12 @@ def mark_created(path: str | Path) -> None:
     _created.add(_key(path))
 
 
+def new_invocation() -> None:
+    """Forget what earlier commands run in this process created (the CLI calls this per command, so
+    a notebook or test that runs several verbs gets the rule for each)."""
+    _created.clear()
+
+
 def created_here(path: str | Path) -> bool:
     return _key(path) in _created
 
@@ -120,11 +126,9 @@ def remove_dir(path: Path) -> None:
 
 
 def _pid_of(name: str) -> int | None:
+    """The pid in a `.NAME.PID.RANDOM.tmp` temp name (the part before the random one)."""
     parts = name.split(".")
-    for part in reversed(parts[:-1]):
-        if part.isdigit():
-            return int(part)
-    return None
+    return int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
 
 
 def _alive(pid: int) -> bool:

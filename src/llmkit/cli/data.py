@@ -14,7 +14,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from llmkit.data.prepare import prepare
 
     s = prepare(args.sources, args.tokenizer, args.out, text_field=args.text_field, workers=args.workers,
-                shard_tokens=args.shard_tokens, skip_bad_records=args.skip_bad_records,
+                shard_tokens=args.shard_tokens, skip_bad_records=args.skip_bad_records, force=args.force,
                 progress=not args.quiet and sys.stderr.isatty())
     verb = "reused" if s.reused else "prepared"
     print(f"{verb} {s.out_dir}: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, vocab {s.vocab_size}) "
@@ -32,7 +32,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCES", help="files or folders (.txt .md .jsonl .json .csv .tsv .parquet, "
                    "optionally .gz/.bz2/.xz)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or file (tokenizer.json, vocab.json, .model)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
+    p.add_argument("--out", required=True, help="output directory: new, empty or earlier prepared data (replaced "
+                   "atomically when done); see --force")
+    p.add_argument("--force", action="store_true", help="replace an --out that holds something else (a model, "
+                   "tokenizer or run)")
     p.add_argument("--text-field", default="text", help="the record field holding the text (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--workers", type=integer(1, 1024).parse, default=os.cpu_count() or 1, help="tokenizing processes")
     p.add_argument("--shard-tokens", type=integer(1, 2**40).parse, default=DEFAULT_SHARD_TOKENS,

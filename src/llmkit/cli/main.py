@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from llmkit.errors import UserError
+from llmkit import outputs
 from llmkit.outputs import write_error_message
 
 OUT_OF_MEMORY = "out of memory: lower --batch-size (or the model, context or data size)"
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    outputs.new_invocation()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -70,6 +72,7 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM during train arrives as loop.Terminated (143)
+        code = getattr(e, "exit_code", 130)
+        print("terminated" if code == 143 else "interrupted", file=sys.stderr)
+        return code

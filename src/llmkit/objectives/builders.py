@@ -12,7 +12,6 @@ from llmkit.config import ModelConfig
 from llmkit.data.prepared import check_vocab, is_prepared, open_prepared
 from llmkit.data.text import fingerprint, read_corpus, text_files
 from llmkit.data.tokens import TokenArray, read_tokens, write_tokens
-from llmkit.errors import UserError
 from llmkit.models import kinds
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 
@@ -21,8 +20,10 @@ if TYPE_CHECKING:
 
 
 def build_tokenizer(cfg: TaskOptions, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer (resume), the one prepared data was made with, or one trained on the data."""
-    if cfg.resume or has_tokenizer(run_dir):
+    """The run's tokenizer (resume), the one prepared data was made with, or one trained on the data.
+    A new run never reuses a tokenizer it finds in `run_dir` (the training loop's output rule has
+    refused that folder, or replaces what it holds)."""
+    if cfg.resume:
         return load_tokenizer(run_dir)
     if is_prepared(cfg.data):
         tok = load_tokenizer(cfg.data)
@@ -34,15 +35,6 @@ def build_tokenizer(cfg: TaskOptions, run_dir: Path) -> Tokenizer:
         tok = train_tokenizer("bpe", files=[str(p) for p in text_files(cfg.data)], vocab_size=cfg.vocab_size)
     tok.save(run_dir)
     return tok
-
-
-def has_tokenizer(run_dir: Path) -> bool:
-    """Whether `run_dir` already holds a saved tokenizer."""
-    try:
-        load_tokenizer(run_dir)
-        return True
-    except UserError:
-        return False
 
 
 def build_tokens(cfg: TaskOptions, run_dir: Path, tokenizer: Tokenizer) -> TokenArray:

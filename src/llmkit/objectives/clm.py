@@ -32,9 +32,12 @@ class CausalLMTask(Task):
     val_data: WindowSampler | None
 
     def __init__(self, cfg: TaskOptions) -> None:
-        """Refuse a new run without data (a resumed one reads `data` from its saved options)."""
+        """Refuse a new run without data (a resumed one reads `data` from its saved options) and
+        model options the preset cannot take, before any file is read or written (the vocabulary
+        size, known once the tokenizer is, is the only part of the model config left open)."""
         if cfg.data is None and not cfg.resume:
             raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
+        build_model_config(cfg, cfg.vocab_size)
         super().__init__(cfg)
         self._loaded = False
 

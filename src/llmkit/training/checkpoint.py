@@ -1,8 +1,11 @@
 """Training checkpoints: `checkpoints/step-NNNNNNN/` holding the model (safetensors), its config
 and `trainer_state.pt` (optimizer, schedule position, RNG, data position, early-stopping state).
 
-A checkpoint is written into a hidden temp folder and renamed into place, so a folder named
-`step-*` is always complete: a crash or SIGKILL mid-write leaves the previous one intact.
+A checkpoint is written into a hidden temp folder (`.step-NNNNNNN.PID.RANDOM.tmp`) and renamed into
+place, and an old one is renamed to a temp name before it is deleted, so a folder named `step-*` is
+always complete: a crash, SIGKILL or full disk mid-write leaves the previous ones intact, and the
+temp names carry the writer's pid so the next start removes what a dead writer left
+(`remove_leftovers`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llmkit import outputs
 from llmkit.errors import UserError
 from llmkit.model_io import load_weights, save_weights, state_dict_for_saving
 from llmkit.models.kinds import save_config
@@ -24,55 +28,77 @@ _STEP = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The run's `checkpoints/` folder."""
     return Path(run_dir) / "checkpoints"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step-N` whole or not at all (its temp folder is removed on any failure),
+    replacing an earlier one of the same step, then keep only the `keep` most recent."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(state_dict_for_saving(model), tmp / "model.safetensors")
-    save_config(model.cfg, tmp / "config.json")
-    _test_pause(step)
-    torch.save(state, tmp / STATE)
-    if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = outputs.temp_path(final)
+    try:
+        tmp.mkdir()
+        save_weights(state_dict_for_saving(model), tmp / "model.safetensors")
+        save_config(model.cfg, tmp / "config.json")
+        _test_pause(step)
+        torch.save(state, tmp / STATE)
+        outputs.replace_dir(tmp, final)  # re-writing a step (e.g. after a resume): the old one goes whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _prune(root, keep)
     return final
 
 
+_paused: set[int] = set()
+
+
 def _test_pause(step: int) -> None:
-    """Tests set LLMKIT_TEST_CKPT_PAUSE=STEP:SECONDS to SIGKILL the process in the middle of a write."""
+    """Tests set LLMKIT_TEST_CKPT_PAUSE=STEP:SECONDS to signal the process in the middle of the
+    first write of checkpoint STEP (a second write of it, on interrupt, does not pause)."""
     spec = os.environ.get("LLMKIT_TEST_CKPT_PAUSE")
     if spec:
         at, seconds = spec.split(":")
-        if int(at) == step:
+        if int(at) == step and step not in _paused:
+            _paused.add(step)
             time.sleep(float(seconds))
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints (each renamed away first: never half a `step-*`)."""
     steps = list_checkpoints(root.parent)
     for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):  # left by a killed writer
+        outputs.remove_dir(old)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove what killed writers left in the run directory and its checkpoints folder: temp files
+    and folders (`.NAME.PID.RANDOM.tmp`, and `.tmp-step-*-PID` of earlier versions) of dead pids."""
+    root = checkpoint_dir(run_dir)
+    outputs.remove_stale_temps(run_dir)
+    outputs.remove_stale_temps(root)
+    for stale in root.glob(".tmp-step-*") if root.is_dir() else []:
         if stale.is_dir() and not _owned_by_live_process(stale):
             shutil.rmtree(stale, ignore_errors=True)
 
 
 def _owned_by_live_process(tmp: Path) -> bool:
+    """Whether a `.tmp-step-N-PID` folder (the earlier naming) belongs to a live process."""
     try:
         pid = int(tmp.name.rsplit("-", 1)[1])
         os.kill(pid, 0)
-        return pid == os.getpid()
-    except (ValueError, ProcessLookupError, PermissionError):
+        return True
+    except (ValueError, ProcessLookupError):
         return False
+    except PermissionError:  # alive, another user's
+        return True
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (hidden temp names are never listed)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
@@ -80,6 +106,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

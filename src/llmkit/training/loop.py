@@ -5,31 +5,42 @@
 Exactness rules the parts keep: batches are a pure function of (seed, step, micro-step, rank) and
 dropout is reseeded from (seed, step, rank) every step, so a resumed run (and a DDP run) needs no
 saved RNG or sampler state to repeat the uninterrupted one bit for bit.
+
+Nothing lost, nothing silent: a new run never replaces a folder's model, tokenizer or run without
+--force, and every option is checked against the data and the checkpoint before a file changes;
+a step with a NaN/inf loss or gradient norm leaves the weights as they were, and too many in a row
+stop the run (`TrainingDiverged`) without saving bad weights; Ctrl-C and SIGTERM end the current
+step and checkpoint it; a failed write (a full disk) leaves the earlier checkpoints whole.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 
-from llmkit.errors import UserError
+from llmkit import outputs
+from llmkit.errors import TrainingDiverged, UserError
 from llmkit.model_io import assign_weights, save_model
 from llmkit.objectives import TASKS, Task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.training import distributed as D
-from llmkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from llmkit.training.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, remove_leftovers,
+                                        save_checkpoint)
 from llmkit.training.config import TrainConfig
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
 from llmkit.training.optim import build_optimizer, clip_grad_norm_
 from llmkit.training.schedules import warmup_cosine
 
 # the builders live with the tasks now; they stay importable from here
-__all__ = ["TrainResult", "train", "evaluate", "resolve_device", "build_tokenizer", "build_tokens",
+__all__ = ["TrainResult", "Terminated", "train", "evaluate", "resolve_device", "build_tokenizer", "build_tokens",
            "build_model", "build_model_config"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,17 +67,28 @@ class Progress:
     best_val: float = math.inf
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
     tokens_seen: int = 0
+    nonfinite_steps: int = 0  # steps in a row whose loss or gradient norm was NaN/inf (updates skipped)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`) during `train`: handled like Ctrl-C (the steps done are
+    checkpointed), then the process should exit with 128 + 15, as a process killed by it would."""
+
+    exit_code = 143
 
 
 class LogWindow:
     """What the next train log line averages: the summed step losses and task metrics since the
-    last line (kept on the device: no sync per step), and the steps and time since then (throughput).
-    The sums go into checkpoints, so a resumed run logs the same means as an uninterrupted one."""
+    last line (kept on the device), the skipped (non-finite) steps, which the means leave out, and
+    the steps and time since then (throughput). The sums and the skip count go into checkpoints,
+    so a resumed run logs the same means as an uninterrupted one."""
 
-    def __init__(self, device: torch.device, loss: float = 0.0, metrics: dict[str, float] | None = None) -> None:
+    def __init__(self, device: torch.device, loss: float = 0.0, metrics: dict[str, float] | None = None,
+                 skipped: int = 0) -> None:
         self.device = device
         self.loss = torch.tensor(loss, device=device)
         self.metrics = {k: torch.tensor(v, device=device) for k, v in (metrics or {}).items()}
+        self.skipped = skipped
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -80,19 +102,27 @@ class LogWindow:
         for name, value in metrics.items():
             self.metrics[name] = self.metrics[name] + value if name in self.metrics else value.clone()
 
-    def take(self, steps: int, env: D.DistEnv, tokens_per_step: int) -> tuple[float, dict[str, float], float]:
-        """(mean loss, mean metrics over `steps` steps and all ranks, tokens/s), then empty the window."""
-        loss = D.mean_across(self.loss / steps, env).item()
+    def skip(self) -> None:
+        """Count one step whose update was skipped: its tokens were processed, its loss is not averaged."""
+        self.steps += 1
+        self.skipped += 1
+
+    def take(self, steps: int, env: D.DistEnv, tokens_per_step: int) -> tuple[float, dict[str, float], float, int]:
+        """(mean loss, mean metrics over the window's `steps` steps less the skipped ones and over all
+        ranks (NaN when every step was skipped), tokens/s, skipped steps), then empty the window."""
+        counted, skipped = steps - self.skipped, self.skipped
+        loss = D.mean_across(self.loss / counted, env).item() if counted else math.nan
         self.loss.zero_()
-        metrics = {name: D.mean_across(value / steps, env).item() for name, value in sorted(self.metrics.items())}
-        self.metrics = {}
+        metrics = {name: D.mean_across(value / counted, env).item() for name, value in sorted(self.metrics.items())}
+        self.metrics, self.skipped = {}, 0
         tps = tokens_per_step * self.steps / max(time.perf_counter() - self.start, 1e-9)
         self.restart_clock()
-        return loss, metrics, tps
+        return loss, metrics, tps, skipped
 
     def state(self) -> dict[str, Any]:
-        """The sums, for a checkpoint."""
-        return {"loss_window": float(self.loss), "metrics_window": {k: float(v) for k, v in self.metrics.items()}}
+        """The sums and the skip count, for a checkpoint."""
+        return {"loss_window": float(self.loss), "metrics_window": {k: float(v) for k, v in self.metrics.items()},
+                "skipped_window": self.skipped}
 
 
 @dataclass
@@ -119,6 +149,9 @@ class Run:
     peak: float = 1.0
     log: MetricsLog | None = None  # rank 0 only
     bar: Any = None
+    signals: StopSignals | None = None  # set by `train`
+    lr: float = 0.0  # of the last step
+    nonfinite: tuple[str, float] | None = None  # what was NaN/inf in the last step ("loss", nan), if anything
     # results so far
     last_loss: float | None = None
     val_loss: float | None = None
@@ -130,30 +163,101 @@ class Run:
 
 def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = ()) -> TrainResult:
     """Train `cfg.task` until `max_steps` or early stop; `callbacks(step, record)` run after each step."""
-    run = set_up(cfg)
-    resume(run)
-    start(run)
-    try:
-        while run.progress.step < cfg.max_steps:
-            lr = train_step(run)
-            record = log_step(run, lr)
-            stop = evaluate_and_keep_best(run)
-            checkpoint_if_due(run, stopping=stop)
-            for cb in callbacks:
-                cb(run.progress.step, record)
-            if stop:
-                stop_early(run)
-                break
-    except KeyboardInterrupt:
-        save_on_interrupt(run)
-        raise
-    return finish(run)
+    with StopSignals() as signals:
+        run = set_up(cfg)
+        run.signals, signals.agreed = signals, run.env.enabled
+        try:
+            start(run)
+            while run.progress.step < cfg.max_steps:
+                with signals.held():  # Ctrl-C or SIGTERM now waits for the end of the step
+                    train_step(run)
+                    stop_if_diverged(run)
+                    record = log_step(run, run.lr)
+                    stop = evaluate_and_keep_best(run)
+                    checkpoint_if_due(run, stopping=stop)
+                for cb in callbacks:
+                    cb(run.progress.step, record)
+                if stop:
+                    stop_early(run)
+                    break
+            return finish(run)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Terminated): keep the steps done
+            save_on_interrupt(run, whole_steps=not signals.forced)
+            raise
+        except BaseException:  # diverged, a full disk: the checkpoints written so far stay as they are
+            close(run)
+            raise
+
+
+# --- stop signals -----------------------------------------------------------------------------
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM while `train` runs (main thread only; a signal the process
+    ignores stays ignored). Outside a step they stop at once, as KeyboardInterrupt and `Terminated`;
+    during a step (`held`: train, log, evaluate, checkpoint) the first one waits for the step to
+    end, so the checkpoint the interrupt writes holds whole steps; a second one stops at once
+    (`forced`: the step was cut short, so no checkpoint is written of it). Under DDP (`agreed`)
+    the ranks need not get it in the same step: from the first step on it is held until the next
+    step's reduction (`flags`, `raise_agreed`), where every rank stops at once, before the update."""
+
+    ERRORS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.holding = False
+        self.pending: type[KeyboardInterrupt] | None = None
+        self.forced = False
+        self.agreed = False
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.ERRORS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        error = self.ERRORS[signal.Signals(signum)]
+        if self.holding and self.pending is None:
+            self.pending = error
+            return
+        self.forced = self.holding
+        raise error()
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold a stop signal until the block is done, then raise it (`agreed`: keep holding it)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = self.agreed
+        if self.pending is not None and not self.agreed:
+            error, self.pending = self.pending, None
+            raise error()
+
+    def flags(self, device: torch.device) -> list[torch.Tensor]:
+        """[SIGINT held, SIGTERM held] on this rank, for the step's reduction across ranks."""
+        return [torch.tensor(float(self.pending is error), device=device) for error in (KeyboardInterrupt, Terminated)]
+
+    def raise_agreed(self, sigint: float, sigterm: float) -> None:
+        """Every rank raises the signal that some rank holds (SIGTERM first)."""
+        if sigint or sigterm:
+            self.pending = None
+            raise Terminated() if sigterm else KeyboardInterrupt()
 
 
 # --- set-up -----------------------------------------------------------------------------------
 
 def set_up(cfg: TrainConfig) -> Run:
-    """Check the options, start the processes, make the task's data ready, build model and optimizer."""
+    """Check the options and the run directory, start the processes, make the task's data ready,
+    build model and optimizer and, with --resume, load the checkpoint into them: every check comes
+    before a file of an existing run changes, and what a start that fails wrote is removed again."""
     cfg.validate()
     task = TASKS[cfg.task](cfg)
     device, dtype = resolve_device(cfg)
@@ -161,12 +265,21 @@ def set_up(cfg: TrainConfig) -> Run:
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.out)
-    _check_run_dir(cfg, run_dir)
-    prepare_data(task, cfg, env, run_dir)
-    raw_model = task.build_model(device)
-    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Run(cfg, env, device, dtype, run_dir, task, raw_model, optimizer, scaler, LogWindow(device))
+    replace = _check_run_dir(cfg, run_dir)
+    D.barrier(env)  # every rank has looked before rank 0 changes anything
+    undo = _claim_run_dir(run_dir, replace) if env.is_main else None
+    try:
+        prepare_data(task, env, run_dir)
+        raw_model = task.build_model(device)
+        optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        run = Run(cfg, env, device, dtype, run_dir, task, raw_model, optimizer, scaler, LogWindow(device))
+        resume(run)  # a checkpoint that does not fit the options fails here, before anything is written
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    return run
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -183,22 +296,67 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """A new run needs a directory without checkpoints, a resumed one a directory with one."""
-    if cfg.resume and latest_checkpoint(run_dir) is None:
-        raise UserError(f"--resume but {run_dir} has no checkpoint: drop --resume to start a new run")
-    if not cfg.resume and list_checkpoints(run_dir):
+def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
+    """The output rule (`llmkit.outputs`), reading only: a resumed run needs a directory with a
+    checkpoint; a new one a directory that holds nothing (no model, tokenizer, run or other files),
+    or --force, which replaces what it holds; never a directory holding the run's data with --force.
+    Returns True when the directory's contents must be removed first."""
+    if cfg.resume:
+        if cfg.force:
+            raise UserError("--resume continues the run in --out and --force replaces it: pass only one of them")
+        if latest_checkpoint(run_dir) is None:
+            raise UserError(f"--resume but {run_dir} has no checkpoint: drop --resume to start a new run")
+        return False
+    if list_checkpoints(run_dir) and not cfg.force:
         raise UserError(f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
-                        "or choose another --out")
+                        "--force to replace it, or choose another --out")
+    # a folder this invocation created is its own (`llmkit demo` writes its corpus there first), unless
+    # an earlier run of this same process left checkpoints in it
+    replace = outputs.claim(run_dir, force=cfg.force, flag="--force", option="--out") or bool(list_checkpoints(run_dir))
+    if replace and cfg.data is not None and Path(cfg.data).resolve().is_relative_to(run_dir.resolve()):
+        raise UserError(f"--data {cfg.data} lies inside --out {run_dir}, which --force would empty: "
+                        "move the data out of it or choose another --out")
+    return replace
 
 
-def prepare_data(task: Task, cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> None:
-    """Rank 0 creates the run directory and the task's files (tokenizer, cache) and saves the
-    options; then, once it is done, every rank sets the task up from them."""
-    if env.is_main:
+def _claim_run_dir(run_dir: Path, replace: bool) -> Callable[[], None]:
+    """Rank 0: prove the run directory writable (creating it), empty it when `replace`, remove what
+    killed writers left there. Returns the undo for a start that fails: it removes every file and
+    folder that appeared since (and the directory itself when it was created here)."""
+    existed = run_dir.exists()
+    try:  # created here, not by check_writable: its "created in this invocation" mark would outlive the run
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --out {run_dir}: {e.strerror or e}: choose a folder you can write to") from None
+    outputs.check_writable(run_dir)
+    if replace:
+        for entry in run_dir.iterdir():
+            if entry.name.startswith("."):
+                continue  # hidden: not the run's (temp leftovers go below)
+            if entry.is_dir() and not entry.is_symlink():
+                outputs.remove_dir(entry)
+            else:
+                entry.unlink()
+    remove_leftovers(run_dir)
+    before = set(run_dir.rglob("*"))
+
+    def undo() -> None:
+        for path in sorted(set(run_dir.rglob("*")) - before, key=lambda p: len(p.parts)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+    return undo
+
+
+def prepare_data(task: Task, env: D.DistEnv, run_dir: Path) -> None:
+    """Rank 0 writes the task's files (tokenizer, cache) into the run directory; then, once it is
+    done, every rank sets the task up from them."""
+    if env.is_main:
         task.prepare(run_dir)
-        cfg.save(run_dir / "train_config.json")
     D.barrier(env)
     task.setup(run_dir)
 
@@ -216,12 +374,15 @@ def resume(run: Run) -> None:
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
-    run.window = LogWindow(run.device, saved.get("loss_window", 0.0), saved.get("metrics_window"))
+    run.window = LogWindow(run.device, saved.get("loss_window", 0.0), saved.get("metrics_window"),
+                           saved.get("skipped_window", 0))
     run.resumed = True
 
 
 def start(run: Run) -> None:
-    """Compile and/or DDP-wrap the model, open the metrics log (a new run logs `start`), show the bar."""
+    """Compile and/or DDP-wrap the model, save the options (only now: every one of them has been
+    checked against the data and the checkpoint), open the metrics log (a new run logs `start`),
+    show the bar."""
     cfg, env, raw = run.cfg, run.env, run.raw_model
     model = torch.compile(raw) if cfg.compile else raw
     run.model = D.wrap_model(model, env, run.device.type)
@@ -229,6 +390,7 @@ def start(run: Run) -> None:
     run.tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world * run.task.tokens_per_example
     run.flops_per_token = run.task.flops_per_token(raw)
     if env.is_main:
+        cfg.save(run.run_dir / "train_config.json")
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.progress.step if run.resumed else None)
         run.peak = peak_flops(run.device, run.dtype) * env.world
         if not run.resumed:
@@ -249,7 +411,9 @@ def _progress(cfg: TrainConfig, env: D.DistEnv, start: int):
 
 def train_step(run: Run) -> float:
     """One optimizer step: set the scheduled lr, accumulate `grad_accum` micro-batch gradients
-    (DDP syncs on the last only), clip, step. Returns the lr."""
+    (DDP syncs on the last only), clip, step; but when the loss or the gradient norm is NaN/inf
+    (on any rank) the update is skipped, the weights stay as they were, and the step counts in
+    `progress.nonfinite_steps` (`stop_if_diverged` decides what follows). Returns the lr."""
     cfg, env, task, step = run.cfg, run.env, run.task, run.progress.step
     lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
     for group in run.optimizer.param_groups:
@@ -272,16 +436,111 @@ def train_step(run: Run) -> float:
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=run.device).detach().float() / cfg.grad_accum
             metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
-    if cfg.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    run.nonfinite = _nonfinite(run, loss_sum, _unscale_and_clip(run))
+    if run.nonfinite is None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.progress.nonfinite_steps = 0
+        run.window.add(loss_sum, metric_sums)
+    else:
+        _skip_update(run)
+        run.progress.nonfinite_steps += 1
+        run.window.skip()
     run.optimizer.zero_grad(set_to_none=True)
     run.progress.step += 1
     run.progress.tokens_seen += run.tokens_per_step
-    run.window.add(loss_sum, metric_sums)
+    run.lr = lr
     return lr
+
+
+def _unscale_and_clip(run: Run) -> torch.Tensor | None:
+    """The global gradient norm before clipping (clipping when `grad_clip` > 0); None under fp16
+    without clipping, where the gradients stay scaled and the scaler checks them itself."""
+    if run.cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        return clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip)
+    if run.scaler.is_enabled():
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in run.raw_model.parameters() if p.grad is not None])
+
+
+def _nonfinite(run: Run, loss_sum: torch.Tensor, norm: torch.Tensor | None) -> tuple[str, float] | None:
+    """("loss" or "gradient norm", its value) when either is NaN/inf on any rank, else None: one
+    sync per step, the same answer on every rank. Under fp16 an inf gradient is the scaler's
+    business (it skips that step and lowers its scale), so only the loss counts there. Under DDP
+    the same reduction tells whether a rank holds a stop signal: then every rank raises it here,
+    before the update, and the interrupt's checkpoint is of the step before."""
+    checks = [loss_sum.float()]
+    if norm is not None and not run.scaler.is_enabled():
+        checks.append(torch.as_tensor(norm, device=run.device).float())
+    flags = [(~torch.isfinite(torch.stack(checks))).any().float()]
+    if run.env.enabled and run.signals is not None:
+        flags += run.signals.flags(run.device)
+    agreed = D.mean_across(torch.stack(flags), run.env).tolist()
+    if len(agreed) > 1:
+        run.signals.raise_agreed(*agreed[1:])
+    if agreed[0] == 0:
+        return None
+    loss = D.mean_across(loss_sum, run.env).item()
+    return ("loss", loss) if not math.isfinite(loss) else ("gradient norm", float(norm))
+
+
+def _skip_update(run: Run) -> None:
+    """Leave the weights and the optimizer state as they are; under fp16 let the scaler see the
+    step (its `update` wants the inf check that `unscale_` records)."""
+    if run.scaler.is_enabled():
+        if run.cfg.grad_clip <= 0:
+            run.scaler.unscale_(run.optimizer)
+        run.scaler.update()
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+def stop_if_diverged(run: Run) -> None:
+    """After a step whose update was skipped: say so (metrics.jsonl, the bar); after
+    `max_nonfinite_steps` of them in a row, stop without saving (`TrainingDiverged`)."""
+    if run.nonfinite is None:
+        return
+    what, value = run.nonfinite
+    p, limit = run.progress, run.cfg.max_nonfinite_steps
+    if p.nonfinite_steps >= limit:
+        in_a_row = f" for {p.nonfinite_steps} steps in a row" if p.nonfinite_steps > 1 else ""
+        diverge(run, f"the {what} was {value}{in_a_row} at step {p.step}")
+    if run.env.is_main:
+        run.log.log(event="nonfinite", step=p.step, **{what.replace(" ", "_"): str(value)}, lr=run.lr,
+                    in_a_row=p.nonfinite_steps)
+        run.bar.write(f"step {p.step}: {what} {value}: update skipped ({p.nonfinite_steps} in a row; "
+                      f"the run stops at {limit})")
+
+
+def diverge(run: Run, what: str) -> NoReturn:
+    """Log `diverged` and raise `TrainingDiverged`: what happened, the options to change, and the
+    last checkpoint (which holds finite weights: bad ones are never saved)."""
+    cfg = run.cfg
+    ckpt = latest_checkpoint(run.run_dir)
+    if cfg.lr * cfg.weight_decay >= 1:  # AdamW multiplies the weights by (1 - lr * weight_decay) per step
+        fix = "lower --weight-decay or --lr (their product is the weight decay per step: keep it far below 1)"
+    else:
+        fix = "lower --lr or raise --warmup-steps"
+    where = (f"the last good checkpoint is {ckpt} (resume with --resume)" if ckpt is not None
+             else "no checkpoint was written before it")
+    if run.env.is_main:
+        run.log.log(event="diverged", step=run.progress.step, reason=what, lr=run.lr,
+                    checkpoint=str(ckpt) if ckpt is not None else None)
+    raise TrainingDiverged(f"training diverged: {what} (lr {run.lr:.3g}): {fix}; {where}")
+
+
+def weights_finite(run: Run) -> bool:
+    """Whether every weight is a finite number (one sync)."""
+    params = [p.detach() for p in run.raw_model.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all().item()) if params else True
+
+
+def ensure_finite_weights(run: Run) -> None:
+    """Before a save, on every rank (the weights are the same on all): weights that are no longer
+    finite (a finite step can overflow them) stop the run instead of being written."""
+    if not weights_finite(run):
+        diverge(run, f"the weights were no longer finite after step {run.progress.step}")
 
 
 # --- log --------------------------------------------------------------------------------------
@@ -294,10 +553,12 @@ def log_step(run: Run, lr: float) -> dict:
     if step % cfg.log_every == 0 or step == cfg.max_steps:
         # mean over the steps since the last log line (not one noisy batch)
         steps_in_window = (step - 1) % cfg.log_every + 1
-        loss, metrics, tps = run.window.take(steps_in_window, run.env, run.tokens_per_step)
+        loss, metrics, tps, skipped = run.window.take(steps_in_window, run.env, run.tokens_per_step)
         run.last_loss, run.tokens_per_second = loss, tps
         record = {"event": "train", "step": step, "loss": loss, **metrics, "lr": lr,
                   "tokens_per_sec": tps, "mfu": run.flops_per_token * tps / run.peak}
+        if skipped:
+            record["skipped_steps"] = skipped  # left out of the means
         if run.log:
             run.log.log(**record)
         run.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | mfu {record['mfu']:.1%}")
@@ -310,16 +571,21 @@ def log_step(run: Run, lr: float) -> dict:
 def evaluate_and_keep_best(run: Run) -> bool:
     """Every `eval_every` steps and at the last (when there is validation data): the validation
     loss, logged; the run directory's model replaced when it improved by more than `min_delta`.
-    Returns True when `patience` evaluations in a row brought no improvement: time to stop."""
+    A NaN/inf validation loss stops the run (`TrainingDiverged`). Returns True when `patience`
+    evaluations in a row brought no improvement: time to stop."""
     cfg, env, p = run.cfg, run.env, run.progress
     due = (cfg.eval_every and p.step % cfg.eval_every == 0) or p.step == cfg.max_steps
     if not (run.task.has_validation and due):
         return False
     val_loss, metrics = evaluate(run.model, run.task, cfg, env, run.device, run.autocast)
+    if not math.isfinite(val_loss):  # the same mean on every rank: they all stop
+        diverge(run, f"the validation loss was {val_loss} at step {p.step}")
     run.val_loss = val_loss
     improved = val_loss < p.best_val - cfg.min_delta
     p.best_val = min(p.best_val, val_loss)
     p.bad_evals = 0 if improved else p.bad_evals + 1
+    if improved:
+        ensure_finite_weights(run)
     if env.is_main:
         ppl = math.exp(min(val_loss, 50))
         run.log.log(event="eval", step=p.step, val_loss=val_loss, val_ppl=ppl,
@@ -363,10 +629,13 @@ def stop_early(run: Run) -> None:
 # --- checkpoint -------------------------------------------------------------------------------
 
 def checkpoint_if_due(run: Run, stopping: bool) -> None:
-    """Rank 0 writes a checkpoint every `ckpt_every` steps, at the last step and when stopping early."""
+    """Rank 0 writes a checkpoint every `ckpt_every` steps, at the last step and when stopping early
+    (after every rank checked that the weights are finite)."""
     cfg, step = run.cfg, run.progress.step
-    if run.env.is_main and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping):
-        write_checkpoint(run)
+    if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping:
+        ensure_finite_weights(run)
+        if run.env.is_main:
+            write_checkpoint(run)
 
 
 def write_checkpoint(run: Run) -> None:
@@ -376,17 +645,28 @@ def write_checkpoint(run: Run) -> None:
     save_checkpoint(run.run_dir, run.progress.step, run.raw_model, state, run.cfg.keep_checkpoints)
 
 
-def save_on_interrupt(run: Run) -> None:
-    """Ctrl-C: keep the steps done so far as a checkpoint (rank 0), close the bar and the process group."""
-    if run.env.is_main and run.progress.step > 0:
-        write_checkpoint(run)
-    run.bar.close()
+def save_on_interrupt(run: Run, whole_steps: bool = True) -> None:
+    """Ctrl-C or SIGTERM: keep the steps done so far as a checkpoint (rank 0; not when a second
+    signal cut a step short, nor weights that are not finite), close the bar and the process group."""
+    try:
+        if whole_steps and run.env.is_main and run.progress.step > 0 and weights_finite(run):
+            write_checkpoint(run)
+    finally:
+        close(run)
+
+
+def close(run: Run) -> None:
+    """Close the bar and end the process group."""
+    if run.bar is not None:
+        run.bar.close()
     D.shutdown(run.env)
 
 
 def finish(run: Run) -> TrainResult:
     """Close the bar; save the model if no evaluation did; plot the loss curve; end the processes."""
     run.bar.close()
+    if not run.task.has_validation:
+        ensure_finite_weights(run)
     if run.env.is_main:
         if not run.task.has_validation:
             save_model(run.raw_model, run.run_dir)

@@ -3,12 +3,14 @@ utilisation against the device's peak."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmkit.outputs import temp_path
 from llmkit.utils import atomic_write_text
 
 # dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets)
@@ -57,14 +59,34 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, **record: Any) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line, whole or not at all: a write that fails (a full disk) is cut off again."""
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            except BaseException:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
+        """The records; a last line cut short (the process was killed while writing it) is left out."""
         if not Path(path).is_file():
             return []
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        text = Path(path).read_text(encoding="utf-8")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except ValueError:
+                lines.pop()
+        return [json.loads(line) for line in lines]
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
@@ -89,8 +111,13 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
+    tmp = temp_path(out_png)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return out_png
