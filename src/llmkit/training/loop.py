@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,18 +23,18 @@ from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 
-from llmkit import outputs
 from llmkit.errors import TrainingDiverged, UserError
 from llmkit.model_io import assign_weights, save_model
 from llmkit.objectives import TASKS, Task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.training import distributed as D
-from llmkit.training.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, remove_leftovers,
-                                        save_checkpoint)
+from llmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmkit.training.config import TrainConfig
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
 from llmkit.training.optim import build_optimizer, clip_grad_norm_
+from llmkit.training.run_dir import check_run_dir, claim_run_dir
 from llmkit.training.schedules import warmup_cosine
+from llmkit.training.signals import StopSignals, Terminated
 
 # the builders live with the tasks now; they stay importable from here
 __all__ = ["TrainResult", "Terminated", "train", "evaluate", "resolve_device", "build_tokenizer", "build_tokens",
@@ -68,13 +65,6 @@ class Progress:
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
     tokens_seen: int = 0
     nonfinite_steps: int = 0  # steps in a row whose loss or gradient norm was NaN/inf (updates skipped)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`) during `train`: handled like Ctrl-C (the steps done are
-    checkpointed), then the process should exit with 128 + 15, as a process killed by it would."""
-
-    exit_code = 143
 
 
 class LogWindow:
@@ -189,69 +179,6 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
             raise
 
 
-# --- stop signals -----------------------------------------------------------------------------
-
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM while `train` runs (main thread only; a signal the process
-    ignores stays ignored). Outside a step they stop at once, as KeyboardInterrupt and `Terminated`;
-    during a step (`held`: train, log, evaluate, checkpoint) the first one waits for the step to
-    end, so the checkpoint the interrupt writes holds whole steps; a second one stops at once
-    (`forced`: the step was cut short, so no checkpoint is written of it). Under DDP (`agreed`)
-    the ranks need not get it in the same step: from the first step on it is held until the next
-    step's reduction (`flags`, `raise_agreed`), where every rank stops at once, before the update."""
-
-    ERRORS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
-
-    def __init__(self) -> None:
-        self.previous: dict[int, Any] = {}
-        self.holding = False
-        self.pending: type[KeyboardInterrupt] | None = None
-        self.forced = False
-        self.agreed = False
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.ERRORS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        error = self.ERRORS[signal.Signals(signum)]
-        if self.holding and self.pending is None:
-            self.pending = error
-            return
-        self.forced = self.holding
-        raise error()
-
-    @contextlib.contextmanager
-    def held(self):
-        """Hold a stop signal until the block is done, then raise it (`agreed`: keep holding it)."""
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = self.agreed
-        if self.pending is not None and not self.agreed:
-            error, self.pending = self.pending, None
-            raise error()
-
-    def flags(self, device: torch.device) -> list[torch.Tensor]:
-        """[SIGINT held, SIGTERM held] on this rank, for the step's reduction across ranks."""
-        return [torch.tensor(float(self.pending is error), device=device) for error in (KeyboardInterrupt, Terminated)]
-
-    def raise_agreed(self, sigint: float, sigterm: float) -> None:
-        """Every rank raises the signal that some rank holds (SIGTERM first)."""
-        if sigint or sigterm:
-            self.pending = None
-            raise Terminated() if sigterm else KeyboardInterrupt()
-
-
 # --- set-up -----------------------------------------------------------------------------------
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -265,9 +192,9 @@ def set_up(cfg: TrainConfig) -> Run:
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.out)
-    replace = _check_run_dir(cfg, run_dir)
+    replace = check_run_dir(cfg, run_dir)
     D.barrier(env)  # every rank has looked before rank 0 changes anything
-    undo = _claim_run_dir(run_dir, replace) if env.is_main else None
+    undo = claim_run_dir(run_dir, replace) if env.is_main else None
     try:
         prepare_data(task, env, run_dir)
         raw_model = task.build_model(device)
@@ -294,62 +221,6 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     if dtype == torch.float16 and device.type != "cuda":
         raise UserError("fp16 training needs a CUDA GPU: use --dtype bf16 or fp32 on the CPU")
     return device, dtype
-
-
-def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
-    """The output rule (`llmkit.outputs`), reading only: a resumed run needs a directory with a
-    checkpoint; a new one a directory that holds nothing (no model, tokenizer, run or other files),
-    or --force, which replaces what it holds; never a directory holding the run's data with --force.
-    Returns True when the directory's contents must be removed first."""
-    if cfg.resume:
-        if cfg.force:
-            raise UserError("--resume continues the run in --out and --force replaces it: pass only one of them")
-        if latest_checkpoint(run_dir) is None:
-            raise UserError(f"--resume but {run_dir} has no checkpoint: drop --resume to start a new run")
-        return False
-    if list_checkpoints(run_dir) and not cfg.force:
-        raise UserError(f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
-                        "--force to replace it, or choose another --out")
-    # a folder this invocation created is its own (`llmkit demo` writes its corpus there first), unless
-    # an earlier run of this same process left checkpoints in it
-    replace = outputs.claim(run_dir, force=cfg.force, flag="--force", option="--out") or bool(list_checkpoints(run_dir))
-    if replace and cfg.data is not None and Path(cfg.data).resolve().is_relative_to(run_dir.resolve()):
-        raise UserError(f"--data {cfg.data} lies inside --out {run_dir}, which --force would empty: "
-                        "move the data out of it or choose another --out")
-    return replace
-
-
-def _claim_run_dir(run_dir: Path, replace: bool) -> Callable[[], None]:
-    """Rank 0: prove the run directory writable (creating it), empty it when `replace`, remove what
-    killed writers left there. Returns the undo for a start that fails: it removes every file and
-    folder that appeared since (and the directory itself when it was created here)."""
-    existed = run_dir.exists()
-    try:  # created here, not by check_writable: its "created in this invocation" mark would outlive the run
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write --out {run_dir}: {e.strerror or e}: choose a folder you can write to") from None
-    outputs.check_writable(run_dir)
-    if replace:
-        for entry in run_dir.iterdir():
-            if entry.name.startswith("."):
-                continue  # hidden: not the run's (temp leftovers go below)
-            if entry.is_dir() and not entry.is_symlink():
-                outputs.remove_dir(entry)
-            else:
-                entry.unlink()
-    remove_leftovers(run_dir)
-    before = set(run_dir.rglob("*"))
-
-    def undo() -> None:
-        for path in sorted(set(run_dir.rglob("*")) - before, key=lambda p: len(p.parts)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        if not existed:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-    return undo
 
 
 def prepare_data(task: Task, env: D.DistEnv, run_dir: Path) -> None:
