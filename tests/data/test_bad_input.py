@@ -99,7 +99,7 @@ def test_vocab_too_big_for_the_model(tmp_path):
 
 def test_out_dir_with_other_files_is_refused(tmp_path, small_tok):
     write(tmp_path / "out" / "precious.txt", "keep me")
-    with pytest.raises(UserError, match="not prepared data"):
+    with pytest.raises(UserError, match=r"already holds 1 other file\(s\), e\.g\. precious\.txt.*--force"):
         run(tmp_path, small_tok, write(tmp_path / "a.txt", "the cat"))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 

@@ -64,7 +64,11 @@ def test_parquet_when_pyarrow_is_installed(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["alpha", "beta", None, "gamma"], "n": [1, 2, 3, 4]}), tmp_path / "t.parquet")
-    assert list(iter_documents([tmp_path / "t.parquet"])) == ["alpha", "beta", "gamma"]
+    with pytest.raises(S.UserError, match=r"t\.parquet: row 2: field 'text' is null"):  # a null cell is a bad record
+        list(iter_documents([tmp_path / "t.parquet"]))
+    stats = S.SourceStats()
+    assert list(iter_documents([tmp_path / "t.parquet"], skip_bad_records=True, stats=stats)) == ["alpha", "beta", "gamma"]
+    assert stats.skipped_records == 1
 
 
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ Documents are separated by the tokenizer's EOS. A long document is cut into piec
 newlines where the tokenizer gives the same ids cut or uncut (`engines.splits_safely`), so the
 result equals tokenizing each document whole. Output is written into a temporary directory and
 renamed into place, so a failed run never damages data prepared earlier; a re-run with the same
-sources (path, size, mtime) and tokenizer reuses the result.
+sources (path, size, mtime) and tokenizer reuses the result. A folder holding other work (a model,
+a tokenizer, a run) is never replaced without `force` (`llmkit.outputs.claim`).
 """
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ from llmkit.data.engines import Engine, best_engine, safe_cut, splits_safely
 from llmkit.data.prepared import FORMAT, INDEX_FILE, VERSION, is_prepared, read_index
 from llmkit.data.sources import SourceStats, expand_sources, is_hf_dataset, iter_blocks
 from llmkit.errors import UserError
+from llmkit.outputs import check_writable, claim, remove_stale_temps, replace_dir, temp_path
 from llmkit.tokenizers import Tokenizer, load_tokenizer
 from llmkit.utils import atomic_write_text
 
 CHUNK_CHARS = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to balance
 PIECE_CHARS = 1 << 18  # a long document is cut into pieces of about this size (at safe newlines)
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MB per uint16 shard
+# What counts as a document: part of the cache key, so a rule change re-prepares instead of reusing
+# (2: a null text field is a bad record, no longer dropped silently).
+RECORD_RULES = 2
 
 
 @dataclass
@@ -50,6 +55,7 @@ class PrepareSummary:
     skipped_records: int = 0
     reused: bool = False
     skipped_examples: list[str] = field(default_factory=list)
+    empty_records: int = 0  # records whose text was "" (no document, not an error)
 
     @property
     def mb_per_s(self) -> float:
@@ -82,7 +88,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 
 def _cache_key(sources: list[dict[str, Any]], tokenizer_fp: str, text_field: str, skip_bad: bool) -> str:
-    blob = json.dumps([VERSION, sources, tokenizer_fp, text_field, skip_bad], sort_keys=True)
+    blob = json.dumps([VERSION, RECORD_RULES, sources, tokenizer_fp, text_field, skip_bad], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -249,30 +255,17 @@ def _total_bytes(sources: list[Any]) -> int | None:
     return sum(Path(s).stat().st_size for s in sources)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir to `out`, replacing an earlier prepared dir only at the end."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_prepared(out):
-        raise UserError(f"--out {out} exists and is not prepared data: choose an empty or new directory")
-
-
 def prepare(sources: Any, tokenizer_dir: str | Path, out_dir: str | Path, text_field: str = "text",
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            skip_bad_records: bool = False, progress: bool = True) -> PrepareSummary:
-    """Tokenize `sources` with the tokenizer in `tokenizer_dir` into shards under `out_dir`."""
+            skip_bad_records: bool = False, progress: bool = True, force: bool = False) -> PrepareSummary:
+    """Tokenize `sources` with the tokenizer in `tokenizer_dir` into shards under `out_dir`.
+
+    The output rule (`llmkit.outputs`): `out_dir` may hold earlier prepared data, which is reused when
+    it matches or replaced when done; a folder holding anything else (a model, a tokenizer, a run,
+    other files) is refused unless `force`. The parent must be writable before any work starts, and
+    leftovers of a killed earlier run there are removed."""
     out = Path(out_dir)
-    _check_out(out)
+    claim(out, force=force, accept=is_prepared)
     files = expand_sources(sources)
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = _eos_or_error(tokenizer, str(tokenizer_dir))
@@ -281,14 +274,16 @@ def prepare(sources: Any, tokenizer_dir: str | Path, out_dir: str | Path, text_f
     key = _cache_key(fingerprints, tok_fp, text_field, skip_bad_records)
     if (index := _reusable(out, key)) is not None:
         return _summary(out, index, reused=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_writable(out.parent)
+    remove_stale_temps(out.parent)
+    tmp = temp_path(out)
+    tmp.mkdir()
     try:
         index = _prepare_into(tmp, files, tokenizer, eos, text_field, workers or os.cpu_count() or 1,
                               shard_tokens, skip_bad_records, progress)
         index.update(key=key, tokenizer_fingerprint=tok_fp, sources=fingerprints, text_field=text_field)
         atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=1))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -315,13 +310,16 @@ def _prepare_into(tmp: Path, files: list[Any], tokenizer: Tokenizer, eos: int, t
         writer.close()
         bar.close()
     if stats.documents == 0:
-        skipped = f" ({stats.skipped_records} bad records skipped)" if stats.skipped_records else ""
+        counts = [f"{n} {what}" for n, what in ((stats.skipped_records, "bad records skipped"),
+                                                (stats.empty_records, "records with empty text")) if n]
+        skipped = f" ({', '.join(counts)})" if counts else ""
         raise UserError(f"empty corpus: the sources hold no text{skipped}: check the files and --text-field")
     return {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
         "eos_id": eos, "tokenizer_kind": tokenizer.kind, "engine": engine.name,
         "documents": stats.documents, "tokens": writer.total, "bytes": stats.bytes_read,
         "skipped_records": stats.skipped_records, "skipped_examples": stats.skipped_examples,
+        "empty_records": stats.empty_records,
         "seconds": round(time.perf_counter() - start, 3), "shards": writer.shards,
     }
 
@@ -331,7 +329,7 @@ def _summary(out: Path, index: dict[str, Any], reused: bool) -> PrepareSummary:
         out_dir=str(out), documents=index["documents"], tokens=index["tokens"], bytes=index["bytes"],
         shards=len(index["shards"]), dtype=index["dtype"], vocab_size=index["vocab_size"], engine=index["engine"],
         seconds=index["seconds"], skipped_records=index.get("skipped_records", 0), reused=reused,
-        skipped_examples=index.get("skipped_examples", []),
+        skipped_examples=index.get("skipped_examples", []), empty_records=index.get("empty_records", 0),
     )
 
 

@@ -34,6 +34,7 @@ class SourceStats:
 
     documents: int = 0
     skipped_records: int = 0
+    empty_records: int = 0  # records whose text is "": nothing to train on, counted, not an error
     bytes_read: int = 0  # UTF-8 bytes of document text, for MB/s
     skipped_examples: list[str] = field(default_factory=list)  # first few "file:line: why"
 
@@ -143,7 +144,9 @@ def _skip(stats: SourceStats, opts: ReadOptions, error: UserError) -> None:
 
 
 def _record_text(record: Any, where: str, opts: ReadOptions) -> str:
-    """The text field of one record, or a UserError naming what is wrong with it."""
+    """The text field of one record, or a UserError naming what is wrong with it. One rule for every
+    format: a record whose field is missing, null (JSON null, an empty Parquet cell, a CSV row
+    cut short) or not a string is a bad record; an empty string is an empty document."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: record is a {type(record).__name__}, not an object: give objects with a "
                         f"{opts.text_field!r} field, or pass --skip-bad-records")
@@ -151,7 +154,7 @@ def _record_text(record: Any, where: str, opts: ReadOptions) -> str:
         raise _missing_field(where, opts, record.keys())
     value = record[opts.text_field]
     if value is None:
-        return ""
+        raise UserError(f"{where}: field {opts.text_field!r} is null, not text: fill it in, or pass --skip-bad-records")
     if not isinstance(value, str):
         raise UserError(f"{where}: field {opts.text_field!r} is a {type(value).__name__}, not text: "
                         "pick a text field with --text-field, or pass --skip-bad-records")
@@ -176,6 +179,8 @@ def _records(records: Iterable[tuple[str, Any]], opts: ReadOptions, stats: Sourc
         first = False
         if text:
             yield text, True
+        else:
+            stats.empty_records += 1
 
 
 def read_jsonl(path: Path, opts: ReadOptions, stats: SourceStats) -> Iterator[Block]:
@@ -218,12 +223,22 @@ def _csv_reader(delimiter: str) -> Callable[[Path, ReadOptions, SourceStats], It
                 columns = reader.fieldnames or []
                 if opts.text_field not in columns:
                     raise _missing_field(str(path), opts, columns)
-                yield from _records(((f"{path}:{reader.line_num}", row) for row in reader), opts, stats)
+                yield from _records(_csv_rows(path, reader, opts.text_field, len(columns)), opts, stats)
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
             except csv.Error as e:
                 raise UserError(f"{path}:{reader.line_num}: bad CSV ({e}): fix the file") from None
     return read
+
+
+def _csv_rows(path: Path, reader: csv.DictReader, text_field: str, n_columns: int) -> Iterator[tuple[str, Any]]:
+    """(file:line, row); a row cut short (its text cell absent, which DictReader gives as None) says so."""
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if row.get(text_field) is None:
+            have = sum(v is not None for k, v in row.items() if k is not None)
+            where += f" (the row has {have} of {n_columns} columns)"
+        yield where, row
 
 
 def read_parquet(path: Path, opts: ReadOptions, stats: SourceStats) -> Iterator[Block]:
