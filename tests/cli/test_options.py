@@ -22,6 +22,7 @@ BAD = {
     "seed -1": (TRAIN + ["--seed", "-1"], "--seed: must be an integer >= 0"),
     "seed huge": (TRAIN + ["--seed", "99999999999999999999999"], "--seed: must be an integer >= 0 and <= 4294967295"),
     "batch size huge": (TRAIN + ["--batch-size", "1000000000"], "--batch-size: must be an integer >= 1 and <= 1048576"),
+    "batch that cannot fit in memory": (TRAIN + ["--batch-size", "1000000"], "--batch-size 1000000 cannot fit"),
     "max steps 0": (TRAIN + ["--max-steps", "0"], "--max-steps: must be an integer >= 1"),
     "max steps float": (TRAIN + ["--max-steps", "5.5"], "--max-steps: must be an integer"),
     "dropout 1": (TRAIN + ["--dropout", "1"], "--dropout: must be a finite number >= 0 and < 1"),

@@ -22,6 +22,36 @@ from llmkit.objectives.task import Task, TaskOptions, register_task
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 
 
+def activation_bytes_lower_bound(model_cfg: Any, windows: int) -> int:
+    """Bytes a training step on `windows` windows needs at the least: backward keeps, per token
+    and layer, at least the block's input, q, k, v, the attention output and the MLP's hidden
+    activation (8 x d_model floats, fp32). A floor, not an estimate: a batch above it cannot fit."""
+    tokens = windows * model_cfg.context_length
+    return tokens * model_cfg.n_layers * model_cfg.d_model * 8 * 4
+
+
+def machine_memory_bytes() -> int | None:
+    """The larger of this machine's RAM and its first GPU's memory (None when unknown)."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+    return max(ram, gpu)
+
+
+def check_batch_fits(model_cfg: Any, batch_size: int) -> None:
+    """Refuse, before anything is read or written, a micro-batch that cannot fit in memory (a
+    MemoryError, or the kernel's OOM killer, at the first step otherwise)."""
+    need, have = activation_bytes_lower_bound(model_cfg, batch_size), machine_memory_bytes()
+    if have is not None and need > have:
+        raise UserError(f"--batch-size {batch_size} cannot fit: {batch_size} windows of {model_cfg.context_length} "
+                        f"tokens need at least {need / 2**30:,.0f} GiB for activations and this machine has "
+                        f"{have / 2**30:,.0f} GiB: lower --batch-size (and raise --grad-accum to keep the tokens per step)")
+
+
 @register_task("causal-lm")
 class CausalLMTask(Task):
     """Next-token prediction on windows of the run's token stream."""
@@ -37,7 +67,7 @@ class CausalLMTask(Task):
         size, known once the tokenizer is, is the only part of the model config left open)."""
         if cfg.data is None and not cfg.resume:
             raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
-        build_model_config(cfg, cfg.vocab_size)
+        check_batch_fits(build_model_config(cfg, cfg.vocab_size), cfg.batch_size)
         super().__init__(cfg)
         self._loaded = False
 
