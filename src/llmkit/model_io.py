@@ -51,6 +51,37 @@ def save_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
         raise
 
 
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError its writes met: torch reports it as a bare
+    RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """torch.save to `path` (a temp location: callers rename it into place), with the disk's
+    errors raised as the OSError they are."""
+    with open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     try:

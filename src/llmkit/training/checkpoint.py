@@ -20,7 +20,7 @@ import torch
 
 from llmkit import outputs
 from llmkit.errors import UserError
-from llmkit.model_io import load_weights, save_weights, state_dict_for_saving
+from llmkit.model_io import load_weights, save_torch, save_weights, state_dict_for_saving
 from llmkit.models.kinds import save_config
 
 STATE = "trainer_state.pt"
@@ -44,7 +44,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         save_weights(state_dict_for_saving(model), tmp / "model.safetensors")
         save_config(model.cfg, tmp / "config.json")
         _test_pause(step)
-        torch.save(state, tmp / STATE)
+        save_torch(state, tmp / STATE)
         outputs.replace_dir(tmp, final)  # re-writing a step (e.g. after a resume): the old one goes whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
