@@ -4,6 +4,13 @@ The model's class comes from its directory (an llmkit config.json names the arch
 `llmkit.models.kinds`; a Hugging Face directory is a decoder). The tokenizer is optional: a
 directory of weights alone loads, runs on token ids, and says what is missing only when text is asked
 for.
+
+Loading checks, cheaply, what would otherwise fail late or silently: every id the tokenizer can
+produce must exist in the model's embedding (a larger model vocabulary, padded for speed, is fine),
+and every weight must be a finite number (a NaN or inf weight makes sampling crash and greedy decoding
+print garbage). The finite check is one min/max reduction per tensor, no copies (`isfinite().all()`
+is 5-10x slower): 25-45 ms for a 124M fp32 model on 2 CPU cores, 2.5% of a cold load (1.7 s); after a
+warm memory-mapped load (60 ms) it mostly pays the page faults the first forward pass would pay.
 """
 from __future__ import annotations
 
@@ -60,10 +67,10 @@ class LanguageModel:
 
 
 def load_model_any(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+                   dtype: str | torch.dtype | None = None, check: bool = True) -> torch.nn.Module:
     """The model of an llmkit run/model directory (of any registered kind) or of a Hugging Face
     directory (told apart by config.json's model_type). A llama2.c .bin must be converted first: it
-    has no tokenizer."""
+    has no tokenizer. `check`: refuse weights that are not finite numbers (`check_finite`)."""
     from llmkit.interop.convert import detect_format
     from llmkit.interop.dtypes import parse_dtype
     from llmkit.interop.hf import load_hf
@@ -75,8 +82,85 @@ def load_model_any(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{path} is a llama2.c checkpoint: convert it first with "
                         f"`llmkit convert {path} --tokenizer TOKENIZER.model --out DIR`, then load DIR")
     if fmt == "hf":
-        return load_hf(path, device=device, dtype=dtype)
-    return load_model(path, device=device, dtype=parse_dtype(dtype))
+        model = load_hf(path, device=device, dtype=dtype)
+    else:
+        model = load_model(path, device=device, dtype=parse_dtype(dtype))
+    if check:
+        check_finite(model, path)
+    return model
+
+
+_MINMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what aminmax reduces
+_CHUNK = 1 << 24  # elements per float32 copy of a tensor of another float type (64 MB)
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every value of `t` is finite. One min/max pass (NaN propagates through both,
+    an infinity shows as one of them); types aminmax lacks (float8) are widened a chunk at a time."""
+    if t.dtype in _MINMAX_DTYPES:
+        return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+    return torch.stack([torch.isfinite(torch.stack(torch.aminmax(c.float()))).all()
+                        for c in t.reshape(-1).split(_CHUNK)]).all()
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity, in model order (read back in one sync)."""
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.is_floating_point() and p.numel() and not p.is_meta]
+    if not named:
+        return []
+    with torch.no_grad():
+        ok = torch.stack([_all_finite(p.detach()) for _, p in named])
+    return [named[i][0] for i in torch.nonzero(~ok.cpu()).flatten().tolist()]
+
+
+def check_finite(model: torch.nn.Module, source: str | Path) -> None:
+    """UserError naming the first tensor whose values are not all finite numbers."""
+    bad = non_finite(model)
+    if not bad:
+        return
+    p = model.get_parameter(bad[0]).detach()
+    p = p if p.dtype in _MINMAX_DTYPES else p.float()  # float8 has no isinf
+    nan, inf = int(p.isnan().sum()), int(p.isinf().sum())
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    raise UserError(f"weights in {source} are not all finite numbers: tensor {bad[0]} holds {nan:,} NaN and "
+                    f"{inf:,} inf of {p.numel():,} values{more}: training diverged before they were saved or the "
+                    "file is damaged; load an earlier checkpoint or restore the file")
+
+
+def max_token_id(tokenizer: Tokenizer) -> tuple[int, str]:
+    """The largest id `tokenizer` can produce and what it is ("the last of its vocabulary of N" or
+    the special token role)."""
+    top, what = tokenizer.vocab_size - 1, f"the last of its vocabulary of {tokenizer.vocab_size}"
+    for role, idx in sorted(tokenizer.special_tokens.items()):
+        if idx > top:
+            top, what = idx, f"its {role} token"
+    return top, what
+
+
+def check_vocab(model: torch.nn.Module, tokenizer: Tokenizer | None, source: str | Path) -> None:
+    """UserError unless every id the tokenizer can produce has a row in the model's embedding
+    (`cfg.vocab_size`). A model vocabulary larger than the tokenizer's is normal (padded embeddings,
+    as GPT-2's 50257 -> 50304) and passes; models without a vocabulary are not checked."""
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if tokenizer is None or not isinstance(vocab, int):
+        return
+    top, what = max_token_id(tokenizer)
+    if top >= vocab:
+        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) produces token ids up to {top} ({what}) but the "
+                        f"model in {source} has vocab_size {vocab} (ids 0-{vocab - 1}): they come from different runs; "
+                        "pass the tokenizer the model was trained with (tokenizer=PATH, --tokenizer PATH)")
+
+
+def problems(lm: LanguageModel) -> list[str]:
+    """What the load checks find wrong with a model loaded with check=False, one line each."""
+    found = []
+    for check in (lambda: check_vocab(lm.model, lm.tokenizer, lm.path), lambda: check_finite(lm.model, lm.path)):
+        try:
+            check()
+        except UserError as e:
+            found.append(str(e))
+    return found
 
 
 def find_tokenizer(path: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> Tokenizer | None:
@@ -93,10 +177,15 @@ def find_tokenizer(path: str | Path, tokenizer: str | Path | Tokenizer | None = 
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         tokenizer: str | Path | Tokenizer | None = None) -> LanguageModel:
+         tokenizer: str | Path | Tokenizer | None = None, check: bool = True) -> LanguageModel:
     """Load an llmkit run directory or a Hugging Face model directory with its tokenizer.
     `dtype` (torch dtype or "fp32"/"bf16"/"fp16") casts; None keeps the stored dtype. `tokenizer`
     (a Tokenizer, file or folder) replaces the directory's own; a directory without one still
-    loads, and text generation then raises a UserError saying so."""
-    model = load_model_any(path, device=device, dtype=dtype)
-    return LanguageModel(model, find_tokenizer(path, tokenizer), Path(path))
+    loads, and text generation then raises a UserError saying so. `check` (the default) refuses, in
+    one line, a tokenizer whose ids the model lacks and weights that are not finite numbers;
+    `problems(lm)` lists the same for a model loaded with check=False."""
+    model = load_model_any(path, device=device, dtype=dtype, check=check)
+    tok = find_tokenizer(path, tokenizer)
+    if check:
+        check_vocab(model, tok, path)
+    return LanguageModel(model, tok, Path(path))

@@ -20,7 +20,7 @@ WORK = {
     "a model": ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
     "a tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "char_tokenizer.json"),
     "a training run": ("train_config.json", "metrics.jsonl", "checkpoints"),
-    "prepared data": ("index.json",),
+    "prepared data": ("prepared.json",),
 }
 
 _created: set[Path] = set()  # folders this process created: its own to write into

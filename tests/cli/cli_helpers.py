@@ -7,6 +7,8 @@ from pathlib import Path
 
 from llmkit.cli.main import main
 
+TINY = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--no-progress"]
+
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `llmkit ARGV...` run in this process. An exception other than

@@ -9,7 +9,7 @@ import pytest
 from llmkit.cli.demo import builtin_corpus
 from llmkit.cli.main import main
 
-TINY = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--no-progress"]
+from cli_helpers import TINY
 
 
 @pytest.fixture(scope="session")

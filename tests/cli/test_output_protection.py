@@ -8,8 +8,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from cli_helpers import assert_one_line_error, run_cli, snapshot
-from conftest import TINY
+from cli_helpers import TINY, assert_one_line_error, run_cli, snapshot
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, run_cli, snapshot
-from conftest import TINY
+from cli_helpers import TINY, assert_one_line_error, run_cli, snapshot
 
 
 @pytest.fixture

@@ -1,9 +1,13 @@
 """`llmkit info DIR`: what a model directory holds: architecture, config, parameters per component,
 what the kind adds (a decoder: KV-cache size), the tokenizer, and whether the native CPU decoding
-kernels run on this machine."""
+kernels run on this machine. Then the load checks (`llmkit.api.problems`: the tokenizer's ids fit
+the model, the weights are finite): each problem is an `error:` line after what could be printed,
+and the exit code is 2."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -15,11 +19,18 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmkit.api import load
+    from llmkit.api import LanguageModel, find_tokenizer, load_model_any, problems
+    from llmkit.errors import UserError
     from llmkit.models.kinds import config_to_dict, kind_of_config, num_params
 
-    lm = load(args.run_dir)
-    model = lm.model
+    model = load_model_any(args.run_dir, check=False)
+    errors = []
+    try:
+        tokenizer = find_tokenizer(args.run_dir)
+    except UserError as e:  # a damaged tokenizer: describe the model anyway, then say so
+        tokenizer = None
+        errors.append(str(e))
+    lm = LanguageModel(model, tokenizer, Path(args.run_dir))
     kind = kind_of_config(model.cfg)
     print(f"model: {args.run_dir}")
     for key, value in config_to_dict(model.cfg).items():
@@ -31,11 +42,22 @@ def run(args: argparse.Namespace) -> int:
     for line in kind.info_lines(model):
         print(line)
     if lm.tokenizer is not None:
-        print(f"tokenizer: {type(lm.tokenizer).__name__}, vocabulary {lm.tokenizer.vocab_size}")
-    else:
+        print(f"tokenizer: {type(lm.tokenizer).__name__}, vocabulary {lm.tokenizer.vocab_size}{_padding(lm)}")
+    elif not errors:
         print("tokenizer: none (text generation needs one: copy the tokenizer files into the directory)")
     if kind.generates_text and next(model.parameters()).device.type == "cpu":
         from llmkit import accel
 
         print(accel.status())
-    return 0
+    errors += problems(lm)
+    sys.stdout.flush()
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def _padding(lm) -> str:
+    """Note a model vocabulary larger than the tokenizer's (padded embeddings: normal)."""
+    vocab = getattr(lm.model.cfg, "vocab_size", None)
+    extra = vocab - lm.tokenizer.vocab_size if isinstance(vocab, int) else 0
+    return f" (the model has {vocab} ids: {extra} padding ids the tokenizer never produces)" if extra > 0 else ""

@@ -7,6 +7,10 @@ top num_beams that ends (stop token, or the length limit) joins the finished poo
 kept), the best non-ending ones continue. The search ends when the pool is full and (early_stopping)
 or no running beam can still beat the worst finished one (its score / current length, the same
 heuristic transformers uses), or at the length limit.
+
+Its size is bounded before anything is allocated (`check_beams`): at most one beam per vocabulary
+entry, and the beams' KV cache and logits must fit in the device's free memory; a request past either
+is one line naming the numbers, not a search that runs for hours or swaps the machine to a halt.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from typing import Sequence
 
 import torch
 
-from llmkit.generation.decode_loop import model_device, prefill, step, stop_ids_of
+from llmkit.errors import UserError
+from llmkit.generation.decode_loop import free_memory, model_device, prefill, step, stop_ids_of
 from llmkit.generation.sampling import History, build_processors
 
 NEG = -1.0e9  # "impossible" score, finite so that sums stay ordered
@@ -62,18 +67,45 @@ def can_still_improve(pool: FinishedPool, best_running: float, length: int, leng
     return best_running / (length ** length_penalty) > pool.worst()
 
 
+def beam_memory(model, num_beams: int, cache_len: int) -> int:
+    """Bytes beam search allocates for `num_beams` beams: the KV cache of `cache_len` positions (held
+    twice over while `reorder` copies it), and the per-step scores over every (beam, token) pair
+    (logits, their float log-softmax, the candidate sums: about four [beams, vocab] fp32 arrays)."""
+    cfg = model.cfg
+    element = next(model.parameters()).element_size()
+    cache = 2 * cfg.n_layers * num_beams * cfg.n_kv_heads * cache_len * cfg.head_dim * element
+    return 2 * cache + 4 * num_beams * cfg.vocab_size * 4
+
+
+def check_beams(model, num_beams: int, prompt_len: int, max_new_tokens: int) -> None:
+    """UserError when `num_beams` exceeds the vocabulary or the search would not fit in memory."""
+    vocab = model.cfg.vocab_size
+    if num_beams > vocab:
+        raise UserError(f"num_beams {num_beams} is more than the model's vocabulary of {vocab} tokens: beam search "
+                        f"keeps at most one beam per token; pass --num-beams {vocab} or fewer")
+    cache_len = min(model.cfg.context_length, prompt_len + max_new_tokens)
+    need = beam_memory(model, num_beams, cache_len)
+    device = model_device(model)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"num_beams {num_beams} over {cache_len} positions needs about {need / 2**30:.1f} GiB "
+                        f"(KV cache and scores) but {device.type} has {free / 2**30:.1f} GiB free: "
+                        "lower --num-beams or --max-new-tokens")
+
+
 @torch.inference_mode()
 def beam_search(model, prompt_ids: Sequence[int], cfg, eos_id: int | None = None) -> BeamResult:
     """Beam search over one prompt; `cfg` is a GenerationConfig (num_beams, length_penalty,
     early_stopping, max_new_tokens, stop_token_ids, penalties). Sampling settings are ignored."""
     nb = cfg.num_beams
+    max_new = min(cfg.max_new_tokens, model.cfg.context_length - len(prompt_ids) + 1)
+    check_beams(model, nb, len(prompt_ids), max_new)
     device = model_device(model)
     stop_ids = stop_ids_of(cfg, eos_id)
-    keep = max(2, 1 + len(stop_ids)) * nb
+    keep = min(max(2, 1 + len(stop_ids)) * nb, nb * model.cfg.vocab_size)  # topk needs k <= candidates
     process = build_processors(cfg, greedy=True)  # penalties only
     prompt = torch.tensor([list(prompt_ids)] * nb, device=device)
     history = History.start(prompt, model.cfg.vocab_size) if process.needs_history else None
-    max_new = min(cfg.max_new_tokens, model.cfg.context_length - len(prompt_ids) + 1)
     cache = model.make_cache(nb, min(model.cfg.context_length, len(prompt_ids) + max_new))
     logits = prefill(model, prompt, cache)
     running = torch.full((nb,), NEG, device=device)

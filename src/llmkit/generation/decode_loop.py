@@ -6,6 +6,7 @@ none of them (so the modules of llmkit.generation form no import cycle).
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Any, Sequence
 
@@ -83,3 +84,42 @@ def check_prompt(model, prompt_ids: Sequence[int]) -> None:
         raise UserError("empty prompt: give at least one token of text (or a tokenizer with a BOS token)")
     if len(prompt_ids) > ctx:
         raise UserError(f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx}: shorten the prompt")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, None when unknown. CPU: the kernel's
+    MemAvailable, lowered to what a cgroup (container) limit leaves; CUDA: the driver's free memory
+    plus what torch's allocator holds unused."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """cgroup v2 memory.max - memory.current of this process's group (None without a limit)."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)

@@ -1,5 +1,7 @@
 """Character-level tokenizer: one id per distinct character of the training text (nanoGPT's
-shakespeare_char). Tiny vocabulary, no unknown handling: a character never seen is an error."""
+shakespeare_char). Tiny vocabulary, no unknown handling: a character never seen is an error, and so
+is an id with no character. Its chat template is plain text (`PLAIN_CHAT_TEMPLATE`: "User: ..." lines)
+because ChatML's `<|...|>` markers are characters a training text rarely has."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ from typing import Sequence
 
 from llmkit.errors import UserError
 from llmkit.tokenizers.base import Tokenizer, register
+from llmkit.tokenizers.chat import PLAIN_CHAT_TEMPLATE, PLAIN_TURN_ENDS
 from llmkit.utils import atomic_write_text
 
 FILENAME = "char_tokenizer.json"
@@ -16,6 +19,8 @@ FILENAME = "char_tokenizer.json"
 @register
 class CharTokenizer(Tokenizer):
     kind = "char"
+    chat_template = PLAIN_CHAT_TEMPLATE
+    chat_turn_ends = PLAIN_TURN_ENDS  # text that starts the next turn: where a chat reply stops
 
     def __init__(self, chars: Sequence[str]):
         self.chars = list(chars)
@@ -31,14 +36,25 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
-            missing = sorted({c for c in text if c not in self.stoi})
             raise UserError(
-                f"text has characters outside the character vocabulary: {''.join(missing)!r}; "
+                f"text has characters outside the character vocabulary: {self.missing(text)!r}; "
                 "use only characters seen in training, or train with --tokenizer bpe"
             ) from None
 
+    def missing(self, text: str) -> str:
+        """The distinct characters of `text` that the vocabulary lacks, sorted ("" when none)."""
+        return "".join(sorted({c for c in text if c not in self.stoi}))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return "".join(self.chars[i] for i in ids)
+        n = len(self.chars)
+        out = []
+        for i in ids:
+            if not 0 <= i < n:  # a negative id would index from the end: a wrong character, silently
+                raise UserError(f"token id {i} has no character: the character vocabulary has ids 0-{n - 1}; the "
+                                "model's vocabulary is larger than its tokenizer's, or the ids come from another "
+                                "tokenizer: use the tokenizer the model was trained with")
+            out.append(self.chars[i])
+        return "".join(out)
 
     @property
     def vocab_size(self) -> int:

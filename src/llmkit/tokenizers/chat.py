@@ -36,6 +36,19 @@ ROLE_MARKER_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# For character-level tokenizers, whose vocabulary holds only the characters of their training text:
+# plain "User: ...\nAssistant: ..." lines, made of letters, ':', ' ' and '\n' that any English text
+# has (the markers above would need '<' and '|'). A reply ends where the next turn's label starts.
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_CHAT_TEMPLATE = (
+    "{% set names = " + repr(PLAIN_ROLES) + " %}"
+    "{% for message in messages %}"
+    "{{ names.get(message['role'], message['role']) + ': ' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+PLAIN_TURN_ENDS = tuple(f"\n{name}:" for name in PLAIN_ROLES.values())
+
 
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag): renders its body."""
