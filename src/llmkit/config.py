@@ -13,10 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
+from llmkit.options import Rule, integer, number
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import NORMS
 from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
 from llmkit.utils import atomic_write_text, read_json_object
+
+
+# What each field may hold, checked before anything is derived or built: a config.json value of the
+# wrong type, NaN, or a size no machine holds is one line, not a TypeError, a hang building 2**31
+# layers or an allocation of terabytes. The bounds are far above every published model.
+FIELD_RULES: dict[str, Rule] = {
+    "vocab_size": integer(1, 1 << 24), "context_length": integer(1, 1 << 22), "n_layers": integer(1, 1024),
+    "d_model": integer(1, 1 << 16), "n_heads": integer(1, 1024), "n_kv_heads": integer(1, 1024, optional=True),
+    "head_dim": integer(1, 1024, optional=True), "d_ff": integer(1, 1 << 20, optional=True),
+    "mlp": Rule(str), "norm": Rule(str), "position": Rule(str), "norm_eps": number(above=0.0, max=1.0),
+    "rope_base": number(above=0.0, max=1e12), "bias": Rule(bool), "qkv_bias": Rule(bool, optional=True),
+    "sliding_window": integer(1, 1 << 22, optional=True), "dropout": number(0.0, below=1.0),
+    "tie_embeddings": Rule(bool), "init_std": number(0.0, max=1e3),
+}
+ROPE_SCALING_RULES: dict[str, Rule] = {
+    "factor": number(above=0.0, max=1e6), "low_freq_factor": number(above=0.0, max=1e6),
+    "high_freq_factor": number(above=0.0, max=1e6), "original_max_position_embeddings": integer(1, 1 << 22),
+}
 
 
 @dataclass
@@ -45,6 +64,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads == 0:
@@ -54,6 +74,19 @@ class ModelConfig:
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field against FIELD_RULES (typed values stored back: a float field given 1 holds 1.0)."""
+        for name, rule in FIELD_RULES.items():
+            setattr(self, name, rule.check(getattr(self, name), f"config: {name}"))
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise UserError(f"config: rope_scaling must be an object like {{\"type\": \"linear\", \"factor\": 2.0}} "
+                                f"or null, got {type(self.rope_scaling).__name__} {self.rope_scaling!r}")
+            self.rope_scaling = dict(self.rope_scaling)
+            for key, rule in ROPE_SCALING_RULES.items():
+                if key in self.rope_scaling:
+                    self.rope_scaling[key] = rule.check(self.rope_scaling[key], f"config: rope_scaling.{key}")
 
     def validate(self) -> None:
         """Reject inconsistent shapes with a message that says what to change."""

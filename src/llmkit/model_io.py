@@ -137,8 +137,31 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
         if t.shape != expected[name].shape:
             raise UserError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config implies "
                             f"{tuple(expected[name].shape)}: the weights and config come from different models")
+    state = _one_float_dtype(state, expected, source)
     model.load_state_dict(state, strict=False, assign=assign)
     tie_weights(model)
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what llmkit computes in
+
+
+def _one_float_dtype(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                     source: str | Path) -> dict[str, torch.Tensor]:
+    """Refuse a floating tensor stored as an integer, bool, F64 or F8; a file with one tensor in
+    another precision (an edited file) is computed in the dtype most of its values have."""
+    floats = {n: t for n, t in state.items() if expected[n].is_floating_point()}
+    odd = sorted(n for n, t in floats.items() if t.dtype not in WEIGHT_DTYPES)
+    if odd:
+        raise UserError(f"tensor {odd[0]} in {source} is stored as {str(floats[odd[0]].dtype).removeprefix('torch.')}: "
+                        "llmkit loads float32, bfloat16 and float16 weights; the file is damaged or was written by "
+                        "another tool: convert it or re-save it")
+    sizes: dict[torch.dtype, int] = {}
+    for t in floats.values():
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    if len(sizes) > 1:
+        common = max(sizes, key=sizes.get)
+        state = {n: t.to(common) if n in floats else t for n, t in state.items()}
+    return state
 
 
 def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -155,8 +155,8 @@ def test_weights_of_another_shape_are_named(tmp_path):
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(mlp="relu"), "unknown mlp 'relu'"),
     (dict(position="alibi2"), "unknown position"),
-    (dict(n_layers=0), "n_layers must be a positive integer"),
-    (dict(dropout=1.5), "dropout must be in"),
+    (dict(n_layers=0), "n_layers must be an integer >= 1"),
+    (dict(dropout=1.5), "dropout must be a finite number >= 0 and < 1"),
 ])
 def test_inconsistent_config_is_rejected_with_what_to_change(kw, words):
     with pytest.raises(UserError, match=words):

@@ -15,6 +15,8 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
+from llmkit.options import Rule as OptionRule
+from llmkit.options import integer, number
 
 # --- transforms ------------------------------------------------------------------------------
 # Each transform is (import, export): import turns the HF tensors of a rule into the llmkit tensor,
@@ -140,6 +142,38 @@ def _require(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+# The HF config.json fields the translations read, checked first: a value of the wrong type or an
+# absurd size is one line here, not a TypeError (or a division by zero) in the arithmetic below.
+HF_FIELD_RULES: dict[str, OptionRule] = {
+    **{k: integer(1, 1 << 24, optional=True) for k in ("vocab_size",)},
+    **{k: integer(1, 1 << 22, optional=True) for k in ("max_position_embeddings", "n_positions")},
+    **{k: integer(1, 1 << 16, optional=True) for k in ("hidden_size", "n_embd")},
+    **{k: integer(1, 1 << 20, optional=True) for k in ("intermediate_size", "n_inner")},
+    **{k: integer(1, 1024, optional=True) for k in ("num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+                                                     "num_key_value_heads", "head_dim")},
+    **{k: integer(0, 1024, optional=True) for k in ("max_window_layers",)},
+    **{k: integer(1, 1 << 22, optional=True) for k in ("sliding_window",)},
+    **{k: number(above=0.0, max=1.0, optional=True) for k in ("rms_norm_eps", "layer_norm_epsilon")},
+    **{k: number(above=0.0, max=1e12, optional=True) for k in ("rope_theta",)},
+    **{k: OptionRule(str, optional=True) for k in ("hidden_act", "activation_function")},
+    **{k: OptionRule(bool, optional=True) for k in ("tie_word_embeddings", "attention_bias", "mlp_bias",
+                                                     "use_sliding_window", "scale_attn_by_inverse_layer_idx",
+                                                     "add_cross_attention", "scale_attn_weights")},
+}
+
+
+def check_hf_fields(c: dict[str, Any]) -> None:
+    """UserError naming the first field of an HF config.json that has the wrong type or size."""
+    for key, rule in HF_FIELD_RULES.items():
+        if key in c:
+            rule.check(c[key], f"config.json: {key}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise UserError(f"config.json: {key} must be an object or null, got {type(c[key]).__name__} {c[key]!r}")
+    if c.get("layer_types") is not None and not isinstance(c["layer_types"], list):
+        raise UserError(f"config.json: layer_types must be a list, got {type(c['layer_types']).__name__}")
+
+
 def _get(c: dict[str, Any], key: str, default: Any) -> Any:
     """A config value, with transformers' class default when the file leaves it out (or null)."""
     value = c.get(key)
@@ -147,6 +181,7 @@ def _get(c: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def gpt2_to_llmkit(c: dict[str, Any]) -> ModelConfig:
+    check_hf_fields(c)
     act = _get(c, "activation_function", "gelu_new")
     _require(act in GPT2_ACTIVATIONS,
              f"config.json: GPT-2 activation_function {act!r} is not supported: use one of {sorted(GPT2_ACTIVATIONS)}")
@@ -214,6 +249,7 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def _llama_like(c: dict[str, Any], defaults: dict[str, Any], qkv_bias: bool, bias: bool,
                 sliding_window: int | None) -> ModelConfig:
+    check_hf_fields(c)
     act = _get(c, "hidden_act", "silu")
     _require(act == "silu", f"config.json: hidden_act {act!r} is not supported for this family: only 'silu' (SwiGLU)")
     n_heads = _get(c, "num_attention_heads", defaults["num_attention_heads"])
@@ -363,6 +399,9 @@ def family_of(hf_config: dict[str, Any]) -> Family:
         if model_type == fam.model_type:
             return fam
     archs = hf_config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"config.json: architectures must be a list of class names such as [\"LlamaForCausalLM\"], "
+                        f"got {archs!r}")
     for fam in FAMILIES.values():
         if fam.architecture in archs:
             return fam

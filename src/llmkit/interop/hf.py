@@ -294,7 +294,7 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
     ignore = [re.compile(p) for p in family.ignore] + ([re.compile(r"^lm_head\.weight$")] if cfg.tie_embeddings else [])
     extra = sorted(n for n in ckpt.names() - used if not any(p.search(n) for p in ignore))
     if extra:
-        raise UserError(f"checkpoint has tensors llmkit would not use ({', '.join(extra[:3])}): config.json "
+        raise UserError(f"checkpoint has tensors llmkit would not use ({', '.join(n if n.isprintable() else repr(n) for n in extra[:3])}): config.json "
                         "does not describe these weights; check it belongs to this checkpoint")
     return state
 
@@ -372,8 +372,14 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
                           f"{HEAD}; using the stored head, as transformers does (set tie_word_embeddings=false "
                           "to silence this)", stacklevel=2)
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
-        with _skipping_init():
-            model = build_model(cfg)
+        try:
+            with _skipping_init():
+                model = build_model(cfg)
+        except RuntimeError as e:  # the CPU allocator's answer to a size no memory holds
+            if "can't allocate memory" not in str(e):
+                raise
+            raise UserError(f"config.json in {directory} describes a model of {_param_count(cfg):,} parameters, "
+                            "more than this machine's memory holds: check that it belongs to these weights") from None
         expected = {k: v.shape for k, v in model.state_dict().items()
                     if not (cfg.tie_embeddings and k == HEAD)}
         state = hf_to_llmkit_state(family, cfg, expected, ckpt, target)
@@ -382,6 +388,12 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
         raise RuntimeError(f"conversion table incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tie_weights(model)
     return model.to(device=device, dtype=target).eval()
+
+
+def _param_count(cfg: ModelConfig) -> int:
+    """Parameters a decoder of `cfg` has, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def from_transformers(hf_model: torch.nn.Module) -> DecoderLM:
