@@ -34,7 +34,7 @@ def turn_stops(tokenizer) -> tuple[list[str], list[int]]:
     """Stop strings and stop ids for the end of a turn (ids only for markers that are one token),
     plus the turn starts of the tokenizer's own template (`chat_turn_ends`, e.g. "\nUser:")."""
     ids = [i for i in (tokenizer.token_to_id(m) for m in TURN_ENDS) if i is not None]
-    return list(TURN_ENDS) + list(getattr(tokenizer, "chat_turn_ends", ())), ids
+    return list(TURN_ENDS) + list(tokenizer.chat_turn_ends), ids
 
 
 def check_template(tokenizer, system: str | None) -> None:

@@ -19,6 +19,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     verb = "reused" if s.reused else "prepared"
     print(f"{verb} {s.out_dir}: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, vocab {s.vocab_size}) "
           f"in {s.shards} shard(s); {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s = {s.mb_per_s:.1f} MB/s [{s.engine}]")
+    if s.empty_records:
+        print(f"{s.empty_records:,} record(s) with empty text (nothing to train on) left out")
     if s.skipped_records:
         print(f"skipped {s.skipped_records:,} bad record(s), e.g. {'; '.join(s.skipped_examples[:3])}")
     return 0

@@ -37,7 +37,7 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
                    help="tokenizer file or folder (default: the one in the model directory)")
     p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="cast the weights (default: as stored)")
-    add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids"))
+    add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids", "vocab_limit"))
 
 
 def decoding_settings(args: argparse.Namespace) -> GenerationConfig:
@@ -79,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not prompt and tok.bos_id is None:
         prompt = "\n"
+    pieces = stream(lm.model.eval(), tok, prompt, cfg, draft=draft)
+    first = next(pieces, "")  # the prompt's checks (vocabulary, context, beams) run before anything is printed
     out = sys.stdout
-    out.write(args.prompt)
-    for piece in stream(lm.model.eval(), tok, prompt, cfg, draft=draft):
+    out.write(args.prompt + first)
+    for piece in pieces:
         out.write(piece)
         out.flush()
     out.write("\n")

@@ -67,8 +67,8 @@ def _run(argv: list[str] | None) -> int:
     except MemoryError:
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch's (CUDA) allocator; anything else is a bug
+    except RuntimeError as e:  # torch's allocators (CUDA's OutOfMemoryError, the CPU's message); else a bug
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ text and honour stop strings.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -43,6 +44,9 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)  # plus the tokenizer's EOS
     seed: int | None = option(None, "random seed for sampling", integer(0, 2**63 - 1, optional=True))
+    vocab_limit: int | None = option(None, "never generate ids >= this (text generation sets it to the tokenizer's "
+                                     "vocabulary when the model's embedding is padded beyond it)",
+                                     integer(1, 1 << 24, optional=True))
 
     def validate(self) -> None:
         check_fields(self)
@@ -213,8 +217,17 @@ def stream(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None, d
     return stream_ids(model, tokenizer, prompt_ids_of(tokenizer, prompt), cfg, draft)
 
 
+def for_text(model, tokenizer, cfg: GenerationConfig) -> GenerationConfig:
+    """`cfg` for decoding to text: ids past the tokenizer's vocabulary (a padded embedding) are
+    never generated, since no tokenizer decodes them."""
+    if cfg.vocab_limit is None and tokenizer.vocab_size < model.cfg.vocab_size:
+        return dataclasses.replace(cfg, vocab_limit=tokenizer.vocab_size)
+    return cfg
+
+
 def stream_ids(model, tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig, draft=None) -> Iterator[str]:
     """`stream` for a prompt already tokenized (chat templates render to ids)."""
+    cfg = for_text(model, tokenizer, cfg)
     streamer = TextStreamer(tokenizer, cfg.stop, context=list(prompt_ids)[-4:])
     stop_ids = stop_ids_of(cfg, tokenizer.eos_id)
     for token in generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, draft=draft):
@@ -238,7 +251,7 @@ def generate(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None,
 def generate_many(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig | None = None,
                   **overrides) -> list[str]:
     """Continuations of several prompts decoded as one left-padded batch, cut at stop strings."""
-    cfg = _with_overrides(cfg, overrides)
+    cfg = for_text(model, tokenizer, _with_overrides(cfg, overrides))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     rows = generate_batch(model, [prompt_ids_of(tokenizer, p) for p in prompts], cfg, tokenizer.eos_id, pad)
     stop_ids = stop_ids_of(cfg, tokenizer.eos_id)

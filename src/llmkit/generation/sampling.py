@@ -99,6 +99,16 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
+def vocab_limit(logits: torch.Tensor, limit: int) -> torch.Tensor:
+    """Never pick an id >= `limit`: the padding rows of an embedding larger than the tokenizer's
+    vocabulary (GPT-2's 50257 ids in 50304 rows), which no tokenizer can turn into text."""
+    if limit >= logits.shape[-1]:
+        return logits
+    out = logits.clone()
+    out[..., limit:] = NEG_INF
+    return out
+
+
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Min-p (Nguyen et al., 2024): drop tokens whose probability is below min_p * the top probability."""
     if min_p <= 0.0:
@@ -145,6 +155,7 @@ class Processor:
 
 # Order matters: penalties on raw logits, then temperature, then the filters (transformers' order).
 PROCESSORS: dict[str, Processor] = {
+    "vocab_limit": Processor("vocab_limit", vocab_limit, (None,)),
     "repetition_penalty": Processor("repetition_penalty", repetition_penalty, (1.0, None), uses="seen"),
     "frequency_penalty": Processor("frequency_penalty", frequency_penalty, (0.0, None), uses="counts"),
     "presence_penalty": Processor("presence_penalty", presence_penalty, (0.0, None), uses="counts"),

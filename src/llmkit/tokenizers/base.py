@@ -45,6 +45,7 @@ class Tokenizer(ABC):
     priority: ClassVar[int] = 50
     # A Jinja chat template (transformers' format); None means DEFAULT_CHAT_TEMPLATE is used.
     chat_template: str | None = None
+    chat_turn_ends: tuple[str, ...] = ()  # text that starts the next turn of its own template: where a reply stops
 
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
