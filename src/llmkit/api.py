@@ -67,10 +67,13 @@ class LanguageModel:
 
 
 def load_model_any(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype | None = None, check: bool = True) -> torch.nn.Module:
+                   dtype: str | torch.dtype | None = None, check: bool = True,
+                   allow_pickle: bool = False) -> torch.nn.Module:
     """The model of an llmkit run/model directory (of any registered kind) or of a Hugging Face
     directory (told apart by config.json's model_type). A llama2.c .bin must be converted first: it
-    has no tokenizer. `check`: refuse weights that are not finite numbers (`check_finite`)."""
+    has no tokenizer. `check`: refuse weights that are not finite numbers (`check_finite`).
+    `allow_pickle`: an llmkit directory's pickled weights (model.pt, pytorch_model.bin) load, through
+    torch.load(weights_only=True); without it they are refused."""
     from llmkit.interop.convert import detect_format
     from llmkit.interop.dtypes import parse_dtype
     from llmkit.interop.hf import load_hf
@@ -84,7 +87,7 @@ def load_model_any(path: str | Path, device: str | torch.device = "cpu",
     if fmt == "hf":
         model = load_hf(path, device=device, dtype=dtype)
     else:
-        model = load_model(path, device=device, dtype=parse_dtype(dtype))
+        model = load_model(path, device=device, dtype=parse_dtype(dtype), allow_pickle=allow_pickle)
     if check:
         check_finite(model, path)
     return model
@@ -177,14 +180,16 @@ def find_tokenizer(path: str | Path, tokenizer: str | Path | Tokenizer | None = 
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         tokenizer: str | Path | Tokenizer | None = None, check: bool = True) -> LanguageModel:
+         tokenizer: str | Path | Tokenizer | None = None, check: bool = True,
+         allow_pickle: bool = False) -> LanguageModel:
     """Load an llmkit run directory or a Hugging Face model directory with its tokenizer.
     `dtype` (torch dtype or "fp32"/"bf16"/"fp16") casts; None keeps the stored dtype. `tokenizer`
     (a Tokenizer, file or folder) replaces the directory's own; a directory without one still
     loads, and text generation then raises a UserError saying so. `check` (the default) refuses, in
     one line, a tokenizer whose ids the model lacks and weights that are not finite numbers;
-    `problems(lm)` lists the same for a model loaded with check=False."""
-    model = load_model_any(path, device=device, dtype=dtype, check=check)
+    `problems(lm)` lists the same for a model loaded with check=False. `allow_pickle` lets pickled
+    weights of a directory you trust load (see `load_model_any`)."""
+    model = load_model_any(path, device=device, dtype=dtype, check=check, allow_pickle=allow_pickle)
     tok = find_tokenizer(path, tokenizer)
     if check:
         check_vocab(model, tok, path)

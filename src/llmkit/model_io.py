@@ -170,7 +170,7 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     pickled = [p for p in ("pytorch_model.bin", "model.pt") if (directory / p).is_file()]
     if pickled and not allow_pickle:
         raise UserError(f"{directory / pickled[0]} is a pickled checkpoint, which can run code when loaded: "
-                        "convert it to safetensors, or pass allow_pickle=True to llmkit.model_io.load_model if you trust it")
+                        "convert it to safetensors, or pass allow_pickle=True to llmkit.load if you trust it")
     if pickled:
         try:
             return torch.load(directory / pickled[0], map_location="cpu", weights_only=True)

@@ -107,6 +107,18 @@ def test_opt_in_loads_a_plain_tensor_pickle(tiny_model, tmp_path):
     assert torch.equal(loaded.tok_emb.weight, tiny_model.tok_emb.weight)
 
 
+def test_the_refusal_names_the_argument_llmkit_load_takes(tiny_model, tmp_path):
+    import llmkit
+
+    d = tmp_path / "model"
+    save_model(tiny_model, d)
+    (d / "model.safetensors").unlink()
+    torch.save(tiny_model.state_dict(), d / "model.pt")
+    with pytest.raises(UserError, match="pass allow_pickle=True to llmkit.load"):
+        llmkit.load(d)
+    assert torch.equal(llmkit.load(d, allow_pickle=True).model.tok_emb.weight, tiny_model.tok_emb.weight)
+
+
 def test_hf_directory_with_only_a_pickled_bin_is_refused_unread(hf_dirs, tmp_path):
     d = tmp_path / "hf"
     shutil.copytree(hf_dirs["llama"], d)
