@@ -22,6 +22,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.generation.generate import GenerationConfig, generate, generate_tokens, stream
+from llmkit.model_io import check_vocab, max_token_id  # noqa: F401  (re-exported: moved to model_io)
 from llmkit.models.kinds import ModelKind, kind_of_model, require_text_generation
 from llmkit.tokenizers.base import TOKENIZERS, Tokenizer, load_tokenizer
 
@@ -129,30 +130,6 @@ def check_finite(model: torch.nn.Module, source: str | Path) -> None:
     raise UserError(f"weights in {source} are not all finite numbers: tensor {bad[0]} holds {nan:,} NaN and "
                     f"{inf:,} inf of {p.numel():,} values{more}: training diverged before they were saved or the "
                     "file is damaged; load an earlier checkpoint or restore the file")
-
-
-def max_token_id(tokenizer: Tokenizer) -> tuple[int, str]:
-    """The largest id `tokenizer` can produce and what it is ("the last of its vocabulary of N" or
-    the special token role)."""
-    top, what = tokenizer.vocab_size - 1, f"the last of its vocabulary of {tokenizer.vocab_size}"
-    for role, idx in sorted(tokenizer.special_tokens.items()):
-        if idx > top:
-            top, what = idx, f"its {role} token"
-    return top, what
-
-
-def check_vocab(model: torch.nn.Module, tokenizer: Tokenizer | None, source: str | Path) -> None:
-    """UserError unless every id the tokenizer can produce has a row in the model's embedding
-    (`cfg.vocab_size`). A model vocabulary larger than the tokenizer's is normal (padded embeddings,
-    as GPT-2's 50257 -> 50304) and passes; models without a vocabulary are not checked."""
-    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
-    if tokenizer is None or not isinstance(vocab, int):
-        return
-    top, what = max_token_id(tokenizer)
-    if top >= vocab:
-        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) produces token ids up to {top} ({what}) but the "
-                        f"model in {source} has vocab_size {vocab} (ids 0-{vocab - 1}): they come from different runs; "
-                        "pass the tokenizer the model was trained with (tokenizer=PATH, --tokenizer PATH)")
 
 
 def problems(lm: LanguageModel) -> list[str]:

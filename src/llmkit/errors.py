@@ -12,3 +12,11 @@ class TrainingDiverged(UserError):
     the message says at which step, what the options were and where the last good checkpoint is."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C (training checkpoints the steps done,
+    every verb removes its temp files), then the process exits with 128 + 15, as a process killed by
+    it would."""
+
+    exit_code = 143

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +22,9 @@ from llmkit.models.kinds import (finish_loading, kind_of_config, load_config, sa
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+if TYPE_CHECKING:
+    from llmkit.tokenizers.base import Tokenizer
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -184,3 +188,26 @@ def _diff_keys(model: torch.nn.Module, state: dict, tied: dict[str, str]) -> tup
     expected = {k for k in model.state_dict() if k not in tied}
     return sorted(expected - set(state)), sorted(set(state) - expected)
 
+
+def max_token_id(tokenizer: Tokenizer) -> tuple[int, str]:
+    """The largest id `tokenizer` can produce and what it is ("the last of its vocabulary of N" or
+    the special token role)."""
+    top, what = tokenizer.vocab_size - 1, f"the last of its vocabulary of {tokenizer.vocab_size}"
+    for role, idx in sorted(tokenizer.special_tokens.items()):
+        if idx > top:
+            top, what = idx, f"its {role} token"
+    return top, what
+
+
+def check_vocab(model: torch.nn.Module, tokenizer: Tokenizer | None, source: str | Path) -> None:
+    """UserError unless every id the tokenizer can produce has a row in the model's embedding
+    (`cfg.vocab_size`). A model vocabulary larger than the tokenizer's is normal (padded embeddings,
+    as GPT-2's 50257 -> 50304) and passes; models without a vocabulary are not checked."""
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if tokenizer is None or not isinstance(vocab, int):
+        return
+    top, what = max_token_id(tokenizer)
+    if top >= vocab:
+        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) produces token ids up to {top} ({what}) but the "
+                        f"model in {source} has vocab_size {vocab} (ids 0-{vocab - 1}): they come from different runs; "
+                        "pass the tokenizer the model was trained with (tokenizer=PATH, --tokenizer PATH)")

@@ -43,6 +43,8 @@ BAD = {
     "max new tokens negative": (GEN + ["--max-new-tokens", "-5"], "--max-new-tokens"),
     "generation seed negative": (GEN + ["--seed", "-1"], "--seed"),
     "stop token id negative": (GEN + ["--stop-token-id", "-3"], "--stop-token-id"),
+    "temperature that overflows": (GEN + ["--temperature", "1e-45"], "temperature must be 0 (greedy) or at least"),
+    "stop token id outside the vocabulary": (GEN + ["--stop-token-id", "99999"], "stop token id 99999 is outside"),
     "generate on cuda without a GPU": (GEN + ["--device", "cuda"], "no CUDA GPU is visible"),
     "generate device typo": (GEN + ["--device", "gpu"], "--device: must be cpu, cuda or cuda:N"),
     "chat repetition penalty 0": (["chat", "{run}", "--repetition-penalty", "0"], "--repetition-penalty"),
@@ -50,6 +52,8 @@ BAD = {
     "tokenizer vocab huge": (TOK + ["--vocab-size", "1000000000"], "--vocab-size: must be an integer >= 1 and <= 4194304"),
     "tokenizer vocab 0": (TOK + ["--vocab-size", "0"], "--vocab-size"),
     "tokenizer min frequency -1": (TOK + ["--vocab-size", "300", "--min-frequency", "-1"], "--min-frequency: must be an integer >= 0"),
+    "tokenizer special tokens empty": (TOK + ["--vocab-size", "300", "--special-tokens", ",,,"], "has an empty name"),
+    "tokenizer special tokens repeated": (TOK + ["--vocab-size", "300", "--special-tokens", "a,a"], "'a' twice"),
     "tokenizer missing file": (["tokenizer", "train", "{tmp}/nope.txt", "--vocab-size", "300", "--out", "{tmp}/out"], "nope.txt"),
     # data prepare
     "prepare workers 0": (PREP + ["--workers", "0"], "--workers: must be an integer >= 1"),
@@ -124,3 +128,19 @@ def test_python_callers_get_the_same_rules():
         GenerationConfig(frequency_penalty=float("nan")).validate()
     with pytest.raises(UserError, match="stop_token_ids"):
         GenerationConfig(stop_token_ids=[-1]).validate()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--context-length", "64"], "context_length is 32 there, not 64"),
+    (["--tokenizer", "bpe"], "tokenizer is 'char' there, not 'bpe'"),
+])
+def test_resume_refuses_a_changed_model_or_tokenizer(flags, words, capsys, tmp_path, run_dir):
+    """What the checkpoints are (the model's shape, the tokenizer) stays as the run was set up."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--max-steps", "30", *flags)
+    assert_one_line_error(code, err, words)
+    assert snapshot(run) == before

@@ -63,3 +63,16 @@ def test_flags_win_over_the_recipe_and_are_checked_too(capsys, tmp_path, corpus)
     code, _, err = run_cli(capsys, "train", "--recipe", str(recipe), "--data", str(corpus), "--out",
                            str(tmp_path / "out"), "--max-steps", "-1")
     assert_one_line_error(code, err, "--max-steps")
+
+
+def test_a_recipe_that_is_not_a_regular_file_or_nests_without_end(capsys, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would block forever
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    for recipe, words in ((fifo, "is not a regular file"), ("/dev/zero", "is not a regular file"),
+                          (deep, "nests too deeply")):
+        code, _, err = run_cli(capsys, "train", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+        assert_one_line_error(code, err, words)

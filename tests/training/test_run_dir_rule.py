@@ -116,9 +116,9 @@ def test_a_folder_created_by_this_invocation_is_its_own(capsys, corpus, tmp_path
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--n-layers", "3"], "do not match the model config"),
-    (["--d-model", "48", "--n-heads", "2"], "shape"),
-    (["--n-heads", "4"], "shape"),  # the same width, but the key/value projections change shape
+    (["--n-layers", "3"], "n_layers is 1 there, not 3"),
+    (["--d-model", "48", "--n-heads", "2"], "d_model is 32 there, not 48"),
+    (["--n-heads", "4"], "n_heads is 2 there, not 4"),
 ])
 def test_a_rejected_resume_changes_no_file_and_a_plain_resume_still_works(flags, words, capsys, trained, tmp_path):
     out = copy_run(trained, tmp_path)

@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any, Callable, TextIO
 
+from llmkit.cli.args import StdinLines
 from llmkit.cli.generate import add_decoding_options, decoding_settings, load_draft
 from llmkit.errors import UserError
 
@@ -135,5 +136,6 @@ def run(args: argparse.Namespace) -> int:
         messages[:] = kept
         yield from stream_ids(model, tok, ids, cfg, draft)
 
-    chat_loop(sys.stdin, sys.stdout, reply, args.system, interactive=sys.stdin.isatty())
+    lines = StdinLines()
+    chat_loop(lines, sys.stdout, reply, args.system, interactive=lines.isatty())
     return 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
-from llmkit.errors import UserError
+from llmkit.errors import Terminated, UserError
 from llmkit import outputs
 from llmkit.outputs import write_error_message
 
@@ -42,12 +44,22 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n"
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. SIGTERM becomes `Terminated` (a KeyboardInterrupt), so every verb cleans up as
+    on Ctrl-C; warnings print as one line; both are restored on return."""
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return _run(argv)
     finally:
         warnings.formatwarning = formatwarning
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -72,7 +84,7 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM during train arrives as loop.Terminated (143)
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM: Terminated (143)
         code = getattr(e, "exit_code", 130)
         print("terminated" if code == 143 else "interrupted", file=sys.stderr)
         return code

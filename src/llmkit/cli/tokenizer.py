@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 from llmkit import outputs
+from llmkit.cli.args import stdin_text
 from llmkit.errors import UserError
 from llmkit.options import VOCAB_SIZE, integer
 from llmkit.tokenizers import BUILDERS, Tokenizer, load_tokenizer, read_text_file, train_tokenizer
@@ -17,9 +17,12 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    specials = [s for s in args.special_tokens.split(",") if s] if args.special_tokens is not None else None
+    specials = _special_tokens(args.special_tokens)
     out = Path(args.out)
     replacing = outputs.claim(out, force=args.force)  # before the (long) training: nothing is lost
+    inside = [f for f in args.files if replacing and Path(f).resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise UserError(f"--out {out} holds the input {inside[0]}, which --force would delete: choose another --out")
     outputs.check_writable(out.parent if out.parent != Path("") else Path("."))
     tok = train_tokenizer(
         args.kind, args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
@@ -36,8 +39,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _special_tokens(text: str | None) -> list[str] | None:
+    """--special-tokens a,b,c as a list; empty or repeated names are a mistake, not a choice."""
+    if text is None:
+        return None
+    if not text.strip():
+        return []  # --special-tokens "": none
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise UserError(f"--special-tokens {text!r} has an empty name: give comma-separated tokens like <s>,</s>,<pad>")
+    repeated = sorted({t for t in names if names.count(t) > 1})
+    if repeated:
+        raise UserError(f"--special-tokens lists {repeated[0]!r} twice: give each special token once")
+    return names
+
+
 def _input_text(args: argparse.Namespace) -> str:
-    return args.text if args.text is not None else sys.stdin.read()
+    return args.text if args.text is not None else stdin_text()
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -63,7 +81,7 @@ def _parse_ids(words: list[str], vocab_size: int) -> list[int]:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer)
-    words = args.ids if args.ids else sys.stdin.read().replace(",", " ").split()
+    words = args.ids if args.ids else stdin_text().replace(",", " ").split()
     print(tok.decode(_parse_ids(words, tok.vocab_size), skip_special_tokens=args.skip_special_tokens))
     return 0
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import shutil
 import tempfile
 import time
@@ -145,7 +146,11 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(engine: Engine | None, tokenizer_dir: str, eos: int, dtype: str, sample: str) -> None:
-    """Workers inherit the engine when forked; under spawn they rebuild it from the saved tokenizer."""
+    """Workers inherit the engine when forked; under spawn they rebuild it from the saved tokenizer.
+    Ctrl-C and SIGTERM are the parent's to answer (it removes the temp folder and ends the pool):
+    a worker ignores SIGINT and dies quietly on SIGTERM instead of printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # our processes are the parallelism
     if engine is None:
         engine = best_engine(load_tokenizer(tokenizer_dir), sample)
@@ -255,6 +260,17 @@ def _total_bytes(sources: list[Any]) -> int | None:
     return sum(Path(s).stat().st_size for s in sources)
 
 
+def _check_sources_outside(files: list[Any], out: Path) -> None:
+    """Refuse (even with force) an --out that holds an input: replacing --out would delete it."""
+    root = out.resolve()
+    for source in files:
+        if is_hf_dataset(source):
+            continue
+        path = Path(source).resolve()
+        if path == root or root in path.parents:
+            raise UserError(f"--out {out} holds the input {source}, which --force would delete: choose another --out")
+
+
 def prepare(sources: Any, tokenizer_dir: str | Path, out_dir: str | Path, text_field: str = "text",
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             skip_bad_records: bool = False, progress: bool = True, force: bool = False) -> PrepareSummary:
@@ -265,8 +281,9 @@ def prepare(sources: Any, tokenizer_dir: str | Path, out_dir: str | Path, text_f
     other files) is refused unless `force`. The parent must be writable before any work starts, and
     leftovers of a killed earlier run there are removed."""
     out = Path(out_dir)
-    claim(out, force=force, accept=is_prepared)
     files = expand_sources(sources)
+    _check_sources_outside(files, out)
+    claim(out, force=force, accept=is_prepared)
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = _eos_or_error(tokenizer, str(tokenizer_dir))
     fingerprints = [source_fingerprint(s) for s in files]

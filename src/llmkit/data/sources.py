@@ -51,6 +51,8 @@ COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {
     ".bz2": lambda p: bz2.open(p, "rb"),
     ".xz": lambda p: lzma.open(p, "rb"),
 }
+# What a damaged or truncated compressed file raises while reading (gzip and bz2: OSError / EOFError).
+DAMAGED = (OSError, EOFError, lzma.LZMAError)
 
 
 def _format_suffix(path: Path) -> str:
@@ -70,6 +72,10 @@ def open_binary(path: Path) -> IO[bytes]:
         raise UserError(f"cannot read {path}: {e.strerror or e}: check the path and its permissions") from None
 
 
+def _damaged(path: Path, e: BaseException) -> UserError:
+    return UserError(f"cannot read {path}: {e}: the file is damaged or truncated")
+
+
 def _check_not_binary(path: Path, head: bytes) -> None:
     if b"\x00" in head[:SNIFF_BYTES]:
         raise UserError(f"{path} looks binary (it contains NUL bytes): pass UTF-8 text, JSONL, JSON, CSV or Parquet")
@@ -84,8 +90,8 @@ def _text_stream(path: Path) -> Iterator[str]:
         while True:
             try:
                 raw = f.read(BLOCK_CHARS)
-            except (OSError, EOFError) as e:
-                raise UserError(f"cannot read {path}: {e}: the file is damaged or truncated") from None
+            except DAMAGED as e:
+                raise _damaged(path, e) from None
             if first:
                 _check_not_binary(path, raw)
                 if raw.startswith(codecs.BOM_UTF8):
@@ -216,7 +222,10 @@ def _csv_reader(delimiter: str) -> Callable[[Path, ReadOptions, SourceStats], It
         """CSV with a header row; the text field is a column name."""
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="") as f:
-            head = f.buffer.peek(SNIFF_BYTES) if hasattr(f.buffer, "peek") else b""
+            try:
+                head = f.buffer.peek(SNIFF_BYTES) if hasattr(f.buffer, "peek") else b""
+            except DAMAGED as e:
+                raise _damaged(path, e) from None
             _check_not_binary(path, head)
             reader = csv.DictReader(f, delimiter=delimiter)
             try:
@@ -228,6 +237,8 @@ def _csv_reader(delimiter: str) -> Callable[[Path, ReadOptions, SourceStats], It
                 raise UserError(f"{path} is not UTF-8 text ({e.reason}): convert it to UTF-8") from None
             except csv.Error as e:
                 raise UserError(f"{path}:{reader.line_num}: bad CSV ({e}): fix the file") from None
+            except DAMAGED as e:
+                raise _damaged(path, e) from None
     return read
 
 

@@ -84,6 +84,16 @@ def check_prompt(model, prompt_ids: Sequence[int]) -> None:
         raise UserError("empty prompt: give at least one token of text (or a tokenizer with a BOS token)")
     if len(prompt_ids) > ctx:
         raise UserError(f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx}: shorten the prompt")
+    check_ids(model, prompt_ids, "prompt token id")
+
+
+def check_ids(model, ids: Sequence[int], what: str) -> None:
+    """UserError for an id outside the model's vocabulary (0 .. vocab_size - 1)."""
+    vocab = model.cfg.vocab_size
+    bad = [i for i in ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise UserError(f"{what} {bad[0]} is outside the model's vocabulary (0..{vocab - 1}): "
+                        "use ids the model's tokenizer produces")
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -16,11 +16,14 @@ import llmkit.generation.sampling as sampling
 from llmkit.errors import UserError
 from llmkit.options import check_fields, flag, integer, number, option
 from llmkit.generation.beam import beam_search
-from llmkit.generation.decode_loop import (check_model, check_prompt, decode_threads, make_generator, model_device,
-                                          prefill, prepare, step, stop_ids_of)
+from llmkit.generation.decode_loop import (check_ids, check_model, check_prompt, decode_threads, make_generator,
+                                          model_device, prefill, prepare, step, stop_ids_of)
 from llmkit.generation.sampling import History, build_processors
 from llmkit.generation.speculative import speculative_tokens
 from llmkit.generation.streaming import TextStreamer, cut_at_stop
+
+
+MIN_TEMPERATURE = 1e-6  # below it, logits / temperature overflows float32: use 0 (greedy)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class GenerationConfig:
 
     def validate(self) -> None:
         check_fields(self)
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # logits / t would overflow to inf
+            raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
@@ -122,6 +127,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig | No
         if m is not None:
             check_model(m)
     check_prompt(model, prompt_ids)
+    check_ids(model, cfg.stop_token_ids, "stop token id")
     for m in (model, draft):
         prepare(m)
     yield from STRATEGIES[strategy_name(cfg, draft)](model, prompt_ids, cfg, eos_id, draft)

@@ -18,7 +18,7 @@ from llmkit.interop.dtypes import parse_dtype
 from llmkit.interop.families import family_for_export
 from llmkit.interop.hf import check_exportable, export_hf, is_hf_dir, load_hf
 from llmkit.interop.llama2c import load_llama2c
-from llmkit.model_io import load_model, save_model
+from llmkit.model_io import check_vocab, load_model, save_model
 from llmkit.models.kinds import num_params
 from llmkit.tokenizers.base import TOKENIZERS, Tokenizer, load_tokenizer
 
@@ -107,6 +107,7 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
     if to == "hf":
         check_exportable(model)
     tok = find_tokenizer(src, tokenizer)
+    check_vocab(model, tok, src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

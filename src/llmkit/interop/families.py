@@ -393,7 +393,9 @@ def supported() -> str:
 
 
 def family_of(hf_config: dict[str, Any]) -> Family:
-    """The family of an HF config.json, by `model_type` then by `architectures`."""
+    """The family of an HF config.json, by `model_type` (what transformers reads); only a config
+    without one falls back to `architectures`. A model_type llmkit does not support is refused,
+    whatever `architectures` says: loading a bert checkpoint as llama would be a silent wrong answer."""
     model_type = hf_config.get("model_type")
     for fam in FAMILIES.values():
         if model_type == fam.model_type:
@@ -404,7 +406,11 @@ def family_of(hf_config: dict[str, Any]) -> Family:
                         f"got {archs!r}")
     for fam in FAMILIES.values():
         if fam.architecture in archs:
-            return fam
+            if model_type is None:
+                return fam
+            raise UserError(f"config.json: unsupported model_type {model_type!r} (transformers loads by model_type, "
+                            f"not by architectures {', '.join(archs)}): llmkit loads the families {supported()}; "
+                            f"fix model_type if the checkpoint really is one of them")
     shown = ", ".join(archs) or "none listed"
     raise UserError(f"unsupported architecture {shown} (model_type {model_type!r}): "
                     f"llmkit loads the families {supported()}")

@@ -92,6 +92,16 @@ def _index_map(directory: Path, index: str = INDEX) -> dict[str, Path]:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a valid safetensors index ({e}): download it again") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}: check the file and its permissions") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(f, str) for k, f in weight_map.items()):
+        raise UserError(f"{path} is not a valid safetensors index (\"weight_map\" must map tensor names to "
+                        "file names): download it again")
+    root = directory.resolve()
+    outside = sorted({f for f in weight_map.values() if not (directory / f).resolve().is_relative_to(root)})
+    if outside:
+        raise UserError(f"{path} names file(s) outside {directory}: {', '.join(outside[:3])}: "
+                        "an index may only name shards in its own folder; download it again")
     missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
     if missing:
         raise UserError(f"{index} in {directory} points to missing file(s) {', '.join(missing[:3])}: "

@@ -71,6 +71,29 @@ class CharTokenizer(Tokenizer):
     def load(cls, directory: str | Path) -> "CharTokenizer":
         path = Path(directory) / FILENAME
         try:
-            return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
-        except (OSError, ValueError, KeyError) as e:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
             raise UserError(f"corrupt character tokenizer {path}: {e}; re-train or restore the file") from None
+        problem = _chars_problem(data)
+        if problem:
+            raise UserError(f"corrupt character tokenizer {path}: {problem}; re-train or restore the file")
+        return cls(data["chars"])
+
+
+def _chars_problem(data: object) -> str | None:
+    """What is wrong with a loaded char_tokenizer.json, or None: it must be an object whose "chars"
+    is a list of distinct single characters (the id of a character is its position)."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object with \"chars\""
+    chars = data.get("chars")
+    if not isinstance(chars, list):
+        return "it has no \"chars\" list" if chars is None else f"\"chars\" is a {type(chars).__name__}, not a list"
+    bad = [c for c in chars if not (isinstance(c, str) and len(c) == 1)]
+    if bad:
+        return f"\"chars\" holds {bad[0]!r}, not a single character"
+    if len(set(chars)) != len(chars):
+        dup = next(c for i, c in enumerate(chars) if c in chars[:i])
+        return f"\"chars\" lists {dup!r} more than once"
+    if not chars:
+        return "\"chars\" is empty"
+    return None

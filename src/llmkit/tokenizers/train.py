@@ -67,6 +67,10 @@ def _template(opts: TrainOptions, with_eos: bool) -> processors.TemplateProcessi
 
 def _build_bpe(opts: TrainOptions) -> tuple[BackendTokenizer, trainers.Trainer]:
     """Byte-level BPE: every byte is in the alphabet, so any text encodes and decodes back exactly."""
+    floor = 256 + len(opts.special_tokens)  # the byte alphabet is always kept: the trainer would overshoot
+    if opts.vocab_size < floor:
+        raise UserError(f"bpe vocab_size must be at least {floor} (256 byte tokens + {len(opts.special_tokens)} "
+                        f"special tokens), not {opts.vocab_size}: raise --vocab-size")
     tok = BackendTokenizer(models.BPE())
     tok.normalizer = _normalizer(opts)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -197,6 +201,10 @@ def train_tokenizer(
     tok.train_from_iterator(_counting(_lines(files, texts), seen), trainer=trainer)
     if seen["chars"] == 0:
         raise UserError("the training corpus is empty: pass files with text in them")
+    if tok.get_vocab_size() > vocab_size:  # wordpiece keeps every character of the corpus, whatever the size
+        raise UserError(f"{kind} vocab_size must be at least {tok.get_vocab_size()} for this corpus (its distinct "
+                        f"characters and their continuations + {len(specials)} special tokens), not {vocab_size}: "
+                        "raise --vocab-size")
     tok = builder.finish(tok)
     template = ROLE_MARKER_CHAT_TEMPLATE if all(m in specials for m in ROLE_MARKERS) else None
     return HFTokenizer(tok, special_tokens=opts.roles, chat_template=template)

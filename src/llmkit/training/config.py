@@ -107,6 +107,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: pass a YAML file (see recipes/ for examples)")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise UserError(f"recipe {path} is not a regular file: pass a YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -117,6 +119,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"recipe {path} nests too deeply to be a recipe: give a mapping of option: value") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -140,6 +144,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 # options that describe one invocation, never carried over from a saved run's train_config.json
 _PER_INVOCATION = ("resume", "force")
+# options that fix what the run's checkpoints are (the model's shape, the tokenizer, the task): a
+# resumed run keeps them; given with another value, --resume is refused rather than half-applied
+FIXED_ON_RESUME = ("task", "preset", "model", "n_layers", "d_model", "n_heads", "context_length", "tokenizer",
+                   "vocab_size")
 
 
 def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
@@ -147,12 +155,18 @@ def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainC
     Everything is checked here, before any file is read for training or written."""
     values: dict[str, Any] = {}
     saved = Path(flags.get("out") or "") / "train_config.json"
+    stored: dict[str, Any] = {}
     if flags.get("resume") and saved.is_file():  # a resumed run keeps its options unless overridden
         stored = read_json_object(saved)
         values.update({k: v for k, v in stored.items() if k in field_names() and k not in _PER_INVOCATION})
-    if recipe is not None:
-        values.update(load_recipe(recipe))
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = load_recipe(recipe) if recipe is not None else {}
+    given.update({k: v for k, v in flags.items() if v is not None})
+    changed = [k for k in FIXED_ON_RESUME if k in given and k in stored and given[k] != stored[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume continues the run in {saved.parent} as it was set up: {k} is {stored[k]!r} "
+                        f"there, not {given[k]!r}; drop --{k.replace('_', '-')} (or start a new run in another --out)")
+    values.update(given)
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise UserError(f"unknown training options {unknown}: valid options are {field_names()}")

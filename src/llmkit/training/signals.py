@@ -10,12 +10,7 @@ from typing import Any
 
 import torch
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`) during `train`: handled like Ctrl-C (the steps done are
-    checkpointed), then the process should exit with 128 + 15, as a process killed by it would."""
-
-    exit_code = 143
+from llmkit.errors import Terminated
 
 
 class StopSignals:
