@@ -171,3 +171,22 @@ def test_wordpiece_vocab_size_below_the_alphabet_is_refused():
     with pytest.raises(UserError) as err:
         train_tokenizer("wordpiece", texts=[TEXT], vocab_size=12, special_tokens=["[UNK]"])
     assert "wordpiece vocab_size must be at least" in _one_line(err)
+
+
+def test_a_model_stored_in_fp16_runs_as_stored(tmp_path):
+    """Weights saved in fp16 load as fp16 with every buffer (the RoPE tables) in fp16 too: the
+    same model as loading with dtype=fp16, not a float32 query meeting a half-precision key."""
+    import torch
+
+    from llmkit.config import ModelConfig
+    from llmkit.generation.generate import GenerationConfig, generate_tokens
+    from llmkit.model_io import load_model, save_model
+    from llmkit.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=32, context_length=16, n_layers=1, d_model=16, n_heads=2)).half()
+    save_model(model, tmp_path / "m")
+    as_stored, cast = load_model(tmp_path / "m"), load_model(tmp_path / "m", dtype=torch.float16)
+    assert {b.dtype for b in as_stored.buffers() if b.is_floating_point()} <= {torch.float16}
+    greedy = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    assert list(generate_tokens(as_stored, [1, 2, 3], greedy)) == list(generate_tokens(cast, [1, 2, 3], greedy))

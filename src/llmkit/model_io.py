@@ -122,6 +122,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     assign_weights(model, state, directory, assign=True)
     finish_loading(model)
     model = model.to(device=device)
+    if dtype is None:  # the stored dtype, for the buffers built at init too (RoPE tables), as --dtype does
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
