@@ -53,3 +53,14 @@ def random_hf_model(name: str, seed: int = 0):
     return model.eval()
 
 
+def random_llmkit_model(cfg):
+    """An llmkit DecoderLM of `cfg` with seeded weights moved off their init (so parity tests are
+    not passed by symmetric or zero parameters)."""
+    from llmkit.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model

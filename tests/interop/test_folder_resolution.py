@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interop_helpers import random_hf_model, transformers
+from interop_helpers import random_hf_model, random_llmkit_model, transformers
 from llmkit.cli import convert as convert_cli
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.interop import export_hf, load_hf
 from llmkit.interop.convert import convert
 from llmkit.model_io import load_model
-from llmkit.models.decoder import DecoderLM
 from llmkit.tokenizers import CharTokenizer, load_tokenizer
 
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -167,15 +166,6 @@ LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_fa
           "original_max_position_embeddings": 16}  # short original context: the test positions cross it
 
 
-def _random(cfg: ModelConfig) -> DecoderLM:
-    torch.manual_seed(0)
-    model = DecoderLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 def test_llama3_rope_given_only_factor_is_refused_naming_the_missing_keys():
     """transformers has no defaults for these; llmkit's model refuses to guess them, before any export."""
     with pytest.raises(UserError) as err:
@@ -190,7 +180,7 @@ def test_convert_of_an_incomplete_llama3_model_exits_2_and_leaves_nothing(tmp_pa
 
     from llmkit.cli import main as cli_main
     from llmkit.model_io import save_model
-    native = save_model(_random(ModelConfig(**NATIVE_LLAMA, rope_scaling=LLAMA3)), tmp_path / "native")
+    native = save_model(random_llmkit_model(ModelConfig(**NATIVE_LLAMA, rope_scaling=LLAMA3)), tmp_path / "native")
     config = json.loads((native / "config.json").read_text())
     config["rope_scaling"] = {"type": "llama3", "factor": 8.0}
     (native / "config.json").write_text(json.dumps(config))
@@ -200,12 +190,12 @@ def test_convert_of_an_incomplete_llama3_model_exits_2_and_leaves_nothing(tmp_pa
 
 
 def test_native_llama3_rope_exports_and_loads_in_transformers_with_equal_logits(tmp_path):
-    model = _random(ModelConfig(**NATIVE_LLAMA, rope_scaling=LLAMA3))
+    model = random_llmkit_model(ModelConfig(**NATIVE_LLAMA, rope_scaling=LLAMA3))
     export_hf(model, None, tmp_path)
     with torch.no_grad():
         assert (model(IDS) - _reference(tmp_path)(IDS).logits).abs().max().item() < 1e-5
     # and the scaling matters at these positions: without it the logits differ
-    plain = _random(ModelConfig(**NATIVE_LLAMA))
+    plain = random_llmkit_model(ModelConfig(**NATIVE_LLAMA))
     with torch.no_grad():
         assert (model(IDS) - plain(IDS)).abs().max().item() > 1e-3
 

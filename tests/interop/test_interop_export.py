@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from interop_helpers import HF_MODELS, transformers
+from interop_helpers import HF_MODELS, random_llmkit_model, transformers
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.interop import export_hf, load_hf
@@ -34,15 +34,6 @@ def test_hf_round_trip_reloads_in_transformers_with_equal_logits(name, hf_dirs, 
         assert (back(IDS).logits - hf_models[name](IDS).logits).abs().max().item() < 1e-4
 
 
-def _random(cfg: ModelConfig) -> DecoderLM:
-    torch.manual_seed(0)
-    model = DecoderLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 NATIVE = {
     # preset-like llmkit models and the family they must be written as
     "llama": dict(vocab_size=128, context_length=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
@@ -58,20 +49,20 @@ NATIVE = {
 
 @pytest.mark.parametrize("family", sorted(NATIVE))
 def test_native_model_exports_to_the_family_of_its_shape(family, tmp_path):
-    model = _random(ModelConfig(**NATIVE[family]))
+    model = random_llmkit_model(ModelConfig(**NATIVE[family]))
     export_hf(model, None, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
     assert _max_diff(model, _reload(tmp_path)) < 1e-4
 
 
 def test_native_llama_with_linear_rope_scaling_exports_with_equal_logits(tmp_path):
-    model = _random(ModelConfig(**NATIVE["llama"], rope_scaling={"type": "linear", "factor": 4.0}))
+    model = random_llmkit_model(ModelConfig(**NATIVE["llama"], rope_scaling={"type": "linear", "factor": 4.0}))
     export_hf(model, None, tmp_path)
     assert _max_diff(model, _reload(tmp_path)) < 1e-4
 
 
 def test_export_in_bf16_writes_bf16_that_transformers_reads(tmp_path):
-    model = _random(ModelConfig(**NATIVE["llama"]))
+    model = random_llmkit_model(ModelConfig(**NATIVE["llama"]))
     export_hf(model, None, tmp_path, dtype="bf16")
     back = _reload(tmp_path)
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
