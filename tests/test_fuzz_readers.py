@@ -20,7 +20,6 @@ import math
 import os
 import resource
 import shutil
-import signal
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -34,6 +33,8 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from safetensors.torch import save as safetensors_bytes  # noqa: E402
+
+from timeouts import deadline
 
 import llmkit  # noqa: E402
 from llmkit.config import ModelConfig  # noqa: E402
@@ -94,23 +95,6 @@ def capped_address_space():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@contextmanager
-def deadline(seconds: int):
-    """TimeoutError in the body after `seconds`. Raised again each second until the body ends: an
-    alarm that lands in a garbage-collector callback is swallowed there ("Exception ignored")."""
-    def expired(signum, frame):
-        signal.alarm(1)
-        raise TimeoutError(f"a reader ran past {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @contextmanager

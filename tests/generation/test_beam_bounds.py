@@ -3,14 +3,14 @@ the beams' KV cache and scores must fit in free memory; past either, one line na
 (once this request ran for hours: 100000 beams over a 65-token vocabulary)."""
 from __future__ import annotations
 
-import signal
 import string
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
+
+from timeouts import deadline
 
 import llmkit.generation.beam as beam
 from llmkit.config import ModelConfig
@@ -22,21 +22,6 @@ from llmkit.models.decoder import DecoderLM
 from llmkit.tokenizers.char import CharTokenizer
 
 VOCAB = 65
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail the test, instead of hanging the suite, when the body runs past `seconds`."""
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
