@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -131,7 +132,8 @@ def _pid_of(name: str) -> int | None:
     return int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is alive (this one, or one we may not signal, counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -154,7 +156,7 @@ def remove_stale_temps(folder: str | Path) -> int:
         if not (p.name.startswith(".") and p.name.endswith(".tmp")):
             continue
         pid = _pid_of(p.name)
-        if pid is None or _alive(pid):
+        if pid is None or pid_alive(pid):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -164,15 +166,9 @@ def remove_stale_temps(folder: str | Path) -> int:
     return removed
 
 
-# errnos that mean "the disk or the permissions", answered as a user error by the CLI
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
-
-
 def as_os_error(e: Exception, path: str | Path) -> Exception:
     """The OSError inside a library's I/O error that reports it only as text ("... (os error 28)",
     "file write failed"), so it is answered like any other full disk; `e` itself otherwise."""
-    import re
-
     found = re.search(r"os error (\d+)", str(e))
     if found:
         code = int(found[1])

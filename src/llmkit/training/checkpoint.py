@@ -87,14 +87,8 @@ def remove_leftovers(run_dir: Path) -> None:
 
 def _owned_by_live_process(tmp: Path) -> bool:
     """Whether a `.tmp-step-N-PID` folder (the earlier naming) belongs to a live process."""
-    try:
-        pid = int(tmp.name.rsplit("-", 1)[1])
-        os.kill(pid, 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # alive, another user's
-        return True
+    pid = tmp.name.rsplit("-", 1)[1]
+    return pid.isdigit() and outputs.pid_alive(int(pid))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
