@@ -213,3 +213,43 @@ def check_vocab(model: torch.nn.Module, tokenizer: Tokenizer | None, source: str
         raise UserError(f"the tokenizer ({type(tokenizer).__name__}) produces token ids up to {top} ({what}) but the "
                         f"model in {source} has vocab_size {vocab} (ids 0-{vocab - 1}): they come from different runs; "
                         "pass the tokenizer the model was trained with (tokenizer=PATH, --tokenizer PATH)")
+
+
+# --- finite weights ------------------------------------------------------------------------
+
+_MINMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what aminmax reduces
+_CHUNK = 1 << 24  # elements per float32 copy of a tensor of another float type (64 MB)
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every value of `t` is finite. One min/max pass (NaN propagates through both,
+    an infinity shows as one of them); types aminmax lacks (float8) are widened a chunk at a time."""
+    if t.dtype in _MINMAX_DTYPES:
+        return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+    return torch.stack([torch.isfinite(torch.stack(torch.aminmax(c.float()))).all()
+                        for c in t.reshape(-1).split(_CHUNK)]).all()
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity, in model order (read back in one sync)."""
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.is_floating_point() and p.numel() and not p.is_meta]
+    if not named:
+        return []
+    with torch.no_grad():
+        ok = torch.stack([_all_finite(p.detach()) for _, p in named])
+    return [named[i][0] for i in torch.nonzero(~ok.cpu()).flatten().tolist()]
+
+
+def check_finite(model: torch.nn.Module, source: str | Path) -> None:
+    """UserError naming the first tensor whose values are not all finite numbers."""
+    bad = non_finite(model)
+    if not bad:
+        return
+    p = model.get_parameter(bad[0]).detach()
+    p = p if p.dtype in _MINMAX_DTYPES else p.float()  # float8 has no isinf
+    nan, inf = int(p.isnan().sum()), int(p.isinf().sum())
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    raise UserError(f"weights in {source} are not all finite numbers: tensor {bad[0]} holds {nan:,} NaN and "
+                    f"{inf:,} inf of {p.numel():,} values{more}: training diverged before they were saved or the "
+                    "file is damaged; load an earlier checkpoint or restore the file")

@@ -9,6 +9,7 @@ as a pure function of (seed, step, micro-step, rank).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ def activation_bytes_lower_bound(model_cfg: Any, windows: int) -> int:
 
 def machine_memory_bytes() -> int | None:
     """The larger of this machine's RAM and its first GPU's memory (None when unknown)."""
-    import os
-
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, NoReturn
 import torch
 
 from llmkit.errors import TrainingDiverged, UserError
-from llmkit.model_io import assign_weights, save_model
+from llmkit.model_io import assign_weights, non_finite, save_model
 from llmkit.objectives import TASKS, Task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.training import distributed as D
@@ -402,9 +402,8 @@ def diverge(run: Run, what: str) -> NoReturn:
 
 
 def weights_finite(run: Run) -> bool:
-    """Whether every weight is a finite number (one sync)."""
-    params = [p.detach() for p in run.raw_model.parameters()]
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all().item()) if params else True
+    """Whether every weight is a finite number (one sync; the load check's `model_io.non_finite`)."""
+    return not non_finite(run.raw_model)
 
 
 def ensure_finite_weights(run: Run) -> None:
