@@ -14,6 +14,7 @@ from typing import Any
 
 from llmkit.errors import UserError
 from llmkit.options import Rule, integer, number
+from llmkit.nn.blocks import ATTENTIONS, BLOCKS, LAYER_TYPES
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import NORMS
 from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
@@ -31,6 +32,55 @@ FIELD_RULES: dict[str, Rule] = {
     "rope_base": number(above=0.0, max=1e12), "bias": Rule(bool), "qkv_bias": Rule(bool, optional=True),
     "sliding_window": integer(1, 1 << 22, optional=True), "dropout": number(0.0, below=1.0),
     "tie_embeddings": Rule(bool), "init_std": number(0.0, max=1e3),
+    "attention": Rule(str), "block": Rule(str), "qk_norm": Rule(str, choices=("head", "full"), optional=True),
+    "attn_scale": number(above=0.0, max=1e3, optional=True), "attn_softcap": number(above=0.0, max=1e6, optional=True),
+    "final_softcap": number(above=0.0, max=1e6, optional=True),
+    "embedding_scale": number(above=0.0, max=1e6, optional=True), "embedding_norm": Rule(bool),
+    "rotary_dim": integer(2, 1024, optional=True),
+}
+# The variants that carry settings of their own are one field holding an object (a dict in
+# config.json and recipes): key -> (rule, default). A key missing from the object takes the default;
+# an unknown key is refused. The module that implements the variant reads the completed object.
+SUBCONFIGS: dict[str, dict[str, tuple[Rule, Any]]] = {
+    # Mixture-of-Experts feed-forward (llmkit.nn.moe)
+    "moe": {
+        "n_experts": (integer(1, 1 << 16), 8), "top_k": (integer(1, 1 << 16), 2),
+        "d_ff": (integer(1, 1 << 20, optional=True), None),  # each expert's hidden size; None: the model's d_ff
+        "n_shared": (integer(0, 1 << 10), 0),  # always-on shared experts (DeepSeekMoE, Qwen2-MoE)
+        "shared_d_ff": (integer(1, 1 << 20, optional=True), None),  # None: d_ff * n_shared
+        "shared_gate": (Rule(bool), False),  # a sigmoid gate on the shared expert's output (Qwen2-MoE)
+        "router": (Rule(str, choices=("softmax", "sigmoid")), "softmax"),  # sigmoid: DeepSeek-V3
+        "norm_topk": (Rule(bool), True),  # renormalise the top-k gate weights to sum to 1
+        "routed_scale": (number(above=0.0, max=1e6), 1.0),  # DeepSeek-V3 routed_scaling_factor
+        "n_groups": (integer(1, 1 << 10), 1), "topk_groups": (integer(1, 1 << 10), 1),  # DeepSeek-V3 group-limited routing
+        "score_bias": (Rule(bool), False),  # DeepSeek-V3 e_score_correction_bias (selection only)
+        "capacity_factor": (number(above=0.0, max=1e6, optional=True), None),  # Switch: drop tokens past capacity
+        "aux_loss_coef": (number(0.0, max=1e6), 0.01), "z_loss_coef": (number(0.0, max=1e6), 0.0),
+        "first_dense": (integer(0, 1024), 0),  # the first N layers keep a dense MLP (DeepSeek first_k_dense_replace)
+        "every": (integer(1, 1024), 1),  # an MoE layer every N layers (Qwen2-MoE decoder_sparse_step)
+    },
+    # Multi-head latent attention (llmkit.nn.mla), DeepSeek-V2
+    "mla": {
+        "q_lora_rank": (integer(1, 1 << 16, optional=True), None),  # None: a full-rank query projection
+        "kv_lora_rank": (integer(1, 1 << 16), 512),
+        "qk_nope_head_dim": (integer(1, 1024), 128), "qk_rope_head_dim": (integer(2, 1024), 64),
+        "v_head_dim": (integer(1, 1024), 128),
+    },
+    # Mixture-of-Depths (llmkit.nn.mod), Raposo et al. 2024
+    "mod": {
+        "capacity": (number(above=0.0, max=1.0), 0.125),  # the share of tokens a routed block processes
+        "every": (integer(1, 1024), 2),  # route every N-th block (the others process every token)
+        "aux_loss_coef": (number(0.0, max=1e6), 0.01),  # the causal predictor's loss
+    },
+    # Sparse attention patterns for layers of type "sparse" (llmkit.nn.masks)
+    "sparse": {
+        "pattern": (Rule(str, choices=("longformer", "block")), "longformer"),
+        "window": (integer(1, 1 << 22), 256),  # local window (longformer: tokens; causal)
+        "global_tokens": (integer(0, 1 << 22), 1),  # the first N positions are seen by and see every token
+        "block_size": (integer(1, 1 << 16), 64),  # block pattern: block edge in tokens
+        "local_blocks": (integer(0, 1 << 16), 1),  # block pattern: earlier blocks each block sees
+        "global_blocks": (integer(0, 1 << 16), 1),  # block pattern: leading blocks everyone sees
+    },
 }
 ROPE_SCALING_RULES: dict[str, Rule] = {
     "factor": number(above=0.0, max=1e6), "low_freq_factor": number(above=0.0, max=1e6),
@@ -62,9 +112,26 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # --- the switchboard (issue 13): each a registry key or an object of settings -------------
+    attention: str = "mha"  # a key of llmkit.nn.blocks.ATTENTIONS: mha (with n_kv_heads: GQA/MQA), mla
+    mla: dict[str, Any] | None = None  # multi-head latent attention's ranks (SUBCONFIGS["mla"])
+    block: str = "pre_norm"  # a key of llmkit.nn.blocks.BLOCKS: pre_norm, post_norm, sandwich, parallel, ...
+    layer_types: list[str] | None = None  # per layer: full, sliding or sparse; None: all sliding if
+    # sliding_window is set, else all full
+    sparse: dict[str, Any] | None = None  # the pattern of "sparse" layers (SUBCONFIGS["sparse"])
+    qk_norm: str | None = None  # RMSNorm on queries and keys: per head (Qwen3) or over all heads (OLMo 2)
+    attn_scale: float | None = None  # score scale; None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits (Gemma 2)
+    embedding_scale: float | None = None  # token embeddings times this (Gemma: sqrt(d_model))
+    embedding_norm: bool = False  # a norm right after the embeddings (Bloom)
+    rotary_dim: int | None = None  # RoPE on the first N channels of each head (GPT-NeoX, Phi); None: all
+    moe: dict[str, Any] | None = None  # Mixture-of-Experts feed-forward (SUBCONFIGS["moe"])
+    mod: dict[str, Any] | None = None  # Mixture-of-Depths routing (SUBCONFIGS["mod"])
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._complete_subconfigs()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads == 0:
@@ -88,6 +155,33 @@ class ModelConfig:
                 if key in self.rope_scaling:
                     self.rope_scaling[key] = rule.check(self.rope_scaling[key], f"config: rope_scaling.{key}")
 
+    def _complete_subconfigs(self) -> None:
+        """Each settings object checked key by key and completed with its defaults."""
+        for name, table in SUBCONFIGS.items():
+            given = getattr(self, name)
+            if given is None:
+                continue
+            if not isinstance(given, dict):
+                example = ", ".join(f'"{k}": {json.dumps(d)}' for k, (_, d) in list(table.items())[:2])
+                raise UserError(f"config: {name} must be an object like {{{example}}} or null, "
+                                f"got {type(given).__name__} {given!r}")
+            unknown = sorted(set(given) - set(table))
+            if unknown:
+                raise UserError(f"config: unknown {name} keys {unknown}: valid keys are {sorted(table)}")
+            setattr(self, name, {key: rule.check(given.get(key, default), f"config: {name}.{key}")
+                                 for key, (rule, default) in table.items()})
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, (list, tuple)) or not all(isinstance(t, str) for t in self.layer_types):
+                raise UserError(f"config: layer_types must be a list of {', '.join(LAYER_TYPES)} (one per layer) "
+                                f"or null, got {self.layer_types!r}")
+            self.layer_types = list(self.layer_types)
+
+    def layer_type(self, i: int) -> str:
+        """What layer i attends to: full (causal), sliding (the last sliding_window positions) or sparse."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "sliding" if self.sliding_window is not None else "full"
+
     def validate(self) -> None:
         """Reject inconsistent shapes with a message that says what to change."""
         positive = ("vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
@@ -105,11 +199,34 @@ class ModelConfig:
                 f"config: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}: "
                 f"pick n_kv_heads from {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
             )
-        for name, kinds in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
+        for name, kinds in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS), ("attention", ATTENTIONS),
+                            ("block", BLOCKS)):
             if getattr(self, name) not in kinds:
                 raise UserError(f"config: unknown {name} {getattr(self, name)!r}: choose one of {', '.join(kinds)}")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"config: RoPE needs an even head_dim, got {self.head_dim}: change d_model or n_heads")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise UserError(f"config: rotary_dim must be even and at most head_dim={self.head_dim}, got {self.rotary_dim}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise UserError(f"config: layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}: "
+                                "give one per layer")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise UserError(f"config: unknown layer_types {bad}: choose from {', '.join(LAYER_TYPES)}")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise UserError("config: layer_types has sliding layers but sliding_window is null: set the window")
+            if "sparse" in self.layer_types and self.sparse is None:
+                self.sparse = {key: default for key, (_, default) in SUBCONFIGS["sparse"].items()}
+        if self.attention == "mla" and self.mla is None:
+            raise UserError("config: attention 'mla' needs its ranks: set mla, e.g. {\"kv_lora_rank\": 512, "
+                            "\"qk_nope_head_dim\": 128, \"qk_rope_head_dim\": 64, \"v_head_dim\": 128}")
+        if self.moe is not None and self.moe["top_k"] > self.moe["n_experts"]:
+            raise UserError(f"config: moe.top_k={self.moe['top_k']} exceeds moe.n_experts={self.moe['n_experts']}")
+        if self.moe is not None and (self.moe["n_experts"] % self.moe["n_groups"]
+                                     or self.moe["topk_groups"] > self.moe["n_groups"]):
+            raise UserError(f"config: moe.n_groups={self.moe['n_groups']} must divide n_experts="
+                            f"{self.moe['n_experts']} and be >= topk_groups={self.moe['topk_groups']}")
         if self.position == "sinusoidal" and self.d_model % 2:
             raise UserError(f"config: sinusoidal positions need an even d_model, got {self.d_model}")
         if self.rope_scaling:

@@ -47,7 +47,7 @@ def register() -> None:
     seams.SUBLAYERS[Attention] = seams.FastPath(
         "attention sublayer: folded (training) / few-row kernels (decoding)",
         first_of(fused_attention.residual, decode.attention_residual),
-        {Attention: declared.attention(rope=declared.ANY, mask=declared.ANY, cache=declared.ANY)})
+        {Attention: declared.attention(rope=declared.ANY, mask=declared.ANY, cache=declared.ANY, bias=declared.is_none)})
     for cls, decl in declared.MLP.items():
         seams.SUBLAYERS[cls] = seams.FastPath("MLP sublayer: folded (training) / few-row kernels (decoding)",
                                               first_of(fused_mlp.residual, decode.mlp_residual), {cls: decl})

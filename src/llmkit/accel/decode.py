@@ -44,9 +44,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def attention_residual(attn: nn.Module, norm: nn.Module, x: torch.Tensor, rope=None, mask=None,
-                       cache=None) -> torch.Tensor | None:
-    """x + attn(norm(x), rope, mask, cache) for a few rows at decoding time, or None."""
-    if not _few_rows(x, attn.qkv.weight) or declared.norm_accepted(norm) is None or (attn.training and attn.dropout):
+                       cache=None, bias=None) -> torch.Tensor | None:
+    """x + attn(norm(x), rope, mask, cache) for a few rows at decoding time, or None (also for an
+    additive bias or partial rotary angles)."""
+    if (not _few_rows(x, attn.qkv.weight) or declared.norm_accepted(norm) is None or (attn.training and attn.dropout)
+            or bias is not None or (rope is not None and rope[0].shape[-1] != attn.head_dim)):
         return None
     B, T, _ = x.shape
     q, k, v = attn.split_heads(linear(_norm(norm, x), attn.qkv))

@@ -43,11 +43,16 @@ def _position_module(m: nn.Module) -> bool:
 
 
 # Every config field: the step reads sizes, the window and eps from it; kinds and biases are decided
-# by the modules' classes and attributes below, never by the config alone.
+# by the modules' classes and attributes below, never by the config alone. Of the switchboard's
+# fields it implements only the defaults (one attention kind, one window for all layers, full RoPE,
+# no caps, scales or extra norms): any other value makes it step aside.
 _CONFIG = {name: ANY for name in ("vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads",
                                   "head_dim", "mlp", "d_ff", "norm", "norm_eps", "position", "rope_base",
                                   "rope_scaling", "bias", "qkv_bias", "sliding_window", "dropout", "tie_embeddings",
-                                  "init_std")}
+                                  "init_std", "block", "sparse", "attn_scale")}
+_CONFIG.update({"attention": lambda v: v == "mha", "embedding_norm": declared.is_false,
+                **dict.fromkeys(("mla", "layer_types", "qk_norm", "attn_softcap", "final_softcap", "embedding_scale",
+                                 "rotary_dim", "moe", "mod"), is_none)})
 STEP: dict[type, seams.Implements] = {
     DecoderLM: seams.Implements(
         attributes={"cfg": ANY, "tok_emb": _EMBEDDING, "pos": _position_module, "drop": PLAIN_DROPOUT,
@@ -55,7 +60,7 @@ STEP: dict[type, seams.Implements] = {
         config=_CONFIG),
     Block: seams.Implements(attributes={"norm1": ANY, "attn": ANY, "norm2": ANY, "mlp": ANY}, config=_CONFIG),
     # the C step computes the default scale only: `scale` is the module's attribute, not a call input
-    Attention: declared.attention({"scale": is_none}, rope=ANY, mask=is_none, cache=ANY),
+    Attention: declared.attention({"scale": is_none}, rope=ANY, mask=is_none, cache=ANY, bias=is_none),
     **declared.MLP, **declared.NORM,
 }
 
@@ -69,7 +74,8 @@ def run(model: DecoderLM, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | N
     """Logits [1, 1, vocab] for one new token of one sequence (its key and value enter the cache),
     or None where the native step does not apply."""
     offset = cache.pos
-    if idx.shape != (1, 1) or torch.is_grad_enabled() or offset >= cache.max_len or not global_hooks_absent():
+    if (type(cache) is not KVCache or idx.shape != (1, 1) or torch.is_grad_enabled() or offset >= cache.max_len
+            or not global_hooks_absent()):
         return None
     step = _step_for(model, cache)
     if step is None:

@@ -128,18 +128,21 @@ class _PrenormAttention(torch.autograd.Function):
         return (dx, d_norm_w, d_norm_b, None, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj) + (None,) * 5
 
 
-def _rope_ok(rope: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
-    """Angles the folded path rotates by: constant (no gradient), [B or 1, 1, T, d]."""
+def _rope_ok(rope: tuple[torch.Tensor, torch.Tensor] | None, head_dim: int) -> bool:
+    """Angles the folded path rotates by: constant (no gradient), [B or 1, 1, T, d] for every channel
+    of the head (not partial rotary)."""
     return rope is None or (not rope[0].requires_grad and not rope[1].requires_grad
-                            and rope[0].dim() == 4 and rope[0].shape[1] == 1)
+                            and rope[0].dim() == 4 and rope[0].shape[1] == 1 and rope[0].shape[-1] == head_dim)
 
 
-def residual(attn: nn.Module, norm: nn.Module, x: torch.Tensor, rope=None, mask=None, cache=None) -> torch.Tensor | None:
+def residual(attn: nn.Module, norm: nn.Module, x: torch.Tensor, rope=None, mask=None, cache=None,
+             bias=None) -> torch.Tensor | None:
     """x + attn(norm(x), rope) as one Function for CPU training, or None where it does not apply:
     no mask or cache (plain causal self-attention over the whole sequence), no attention dropout,
     fp32 CPU training under eager autograd, a norm the kernels implement, a shape the kernel takes."""
     w_qkv, w_proj = attn.qkv.weight, attn.proj.weight
-    if (mask is not None or cache is not None or (attn.training and attn.dropout) or x.dim() != 3 or not _rope_ok(rope)
+    if (mask is not None or cache is not None or bias is not None or (attn.training and attn.dropout) or x.dim() != 3
+            or not _rope_ok(rope, attn.head_dim)
             or not training_ready(x, w_qkv, w_proj) or not (x.requires_grad or w_qkv.requires_grad or w_proj.requires_grad)):
         return None
     H, KV, d = attn.n_heads, attn.n_kv_heads, attn.head_dim

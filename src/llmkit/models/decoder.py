@@ -1,6 +1,7 @@
-"""The decoder-only language model (GPT-2 / LLaMA family): token embeddings -> N pre-norm blocks
-(attention + MLP, each with a residual) -> final norm -> LM head. Every variant is chosen by
-`ModelConfig` fields through the registries in `llmkit.nn`; nothing forks the model.
+"""The decoder-only language model (GPT-2 / LLaMA family): token embeddings -> N blocks
+(attention + feed-forward, each with a residual; `llmkit.nn.blocks`) -> final norm -> LM head.
+Every variant is chosen by `ModelConfig` fields through the registries in `llmkit.nn` (the block,
+attention, feed-forward and position kinds, each layer's mask); nothing forks the model.
 
 Fast paths (llmkit.accel) stand in at the seams only: each block's two sublayers and the final norm
 with the LM head (`llmkit.nn.seams`), the attention core, and here the one-token decoding step
@@ -16,11 +17,11 @@ from typing import Callable
 
 from llmkit.config import ModelConfig
 from llmkit.nn import seams
-from llmkit.nn.attention import Attention
+from llmkit.nn.attention import soft_cap
+from llmkit.nn.blocks import ATTENTIONS, BLOCKS, Block
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
-from llmkit.nn.masks import causal_mask, combine, padding_mask
-from llmkit.nn.mlp import MLPS
+from llmkit.nn.masks import combine, layer_mask, padding_mask
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
 
@@ -30,29 +31,16 @@ DECODE_STEPS: dict[type, seams.FastPath] = {}
 DECODE_LAYOUTS: dict[type, Callable[[nn.Module], None]] = {}
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.norm1 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg, layer_idx)
-        self.norm2 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
-
-    def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = seams.sublayer(self.attn, self.norm1, x, rope=rope, mask=mask, cache=cache)
-        return seams.sublayer(self.mlp, self.norm2, x)
-
-
 class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = POSITIONS[cfg.position](cfg)
+        if cfg.embedding_norm:
+            self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(BLOCKS[cfg.block](cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -98,36 +86,80 @@ class DecoderLM(nn.Module):
             max_pos = offset + T
         else:
             max_pos = None
-        x = self.tok_emb(idx)
+        x = self.embed(idx)
         rope = None
         if self.pos.additive:
             x = x + self.pos(position_ids, max_pos)
         elif self.pos.rotary:
             rope = self.pos(position_ids, max_pos)
         x = self.drop(x)
-        mask = self._mask(T, offset, attention_mask, idx.device)
-        for block in self.blocks:
-            x = block(x, rope, mask, cache)
+        inputs = self._layer_inputs(T, offset, attention_mask, cache, idx.device)
+        for i, block in enumerate(self.blocks):
+            mask, bias = inputs[self.cfg.layer_type(i)]
+            x = block(x, rope, mask, cache, bias)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return seams.normed_head(self.norm, self.lm_head, x)
+        logits = seams.normed_head(self.norm, self.lm_head, x)
+        if self.cfg.final_softcap is not None:
+            logits = soft_cap(logits, self.cfg.final_softcap)
+        return logits
 
-    def _mask(self, T: int, offset: int, attention_mask: torch.Tensor | None,
-              device: torch.device) -> torch.Tensor | None:
-        """None (plain causal, the fused fast path) unless a cache offset, window or padding needs more."""
-        window = self.cfg.sliding_window
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, d_model], scaled (Gemma) and normed (Bloom) where the config says."""
+        x = self.tok_emb(idx)
+        if self.cfg.embedding_scale is not None:  # in the activations' dtype, as Gemma computes it
+            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype)
+        if self.cfg.embedding_norm:
+            x = self.emb_norm(x)
+        return x
+
+    def _layer_inputs(self, T: int, offset: int, attention_mask: torch.Tensor | None, cache,
+                      device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """layer type -> (bool mask or None for plain causal, additive scores bias or None), built once
+        per forward for each type the model's layers use."""
+        out = {}
+        for kind in dict.fromkeys(self.cfg.layer_type(i) for i in range(self.cfg.n_layers)):
+            first = next(i for i in range(self.cfg.n_layers) if self.cfg.layer_type(i) == kind)
+            k_pos = cache.key_positions(first, T) if cache is not None else None
+            mask = self._mask(kind, T, offset, attention_mask, k_pos, device)
+            bias = None
+            if self.pos.biased:
+                q_pos = torch.arange(offset, offset + T, device=device)
+                bias = self.pos.scores_bias(q_pos, k_pos if k_pos is not None else torch.arange(offset + T, device=device))
+            out[kind] = (mask, bias)
+        return out
+
+    def _mask(self, kind: str, T: int, offset: int, attention_mask: torch.Tensor | None,
+              k_pos: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """None (plain causal, the fused fast path) unless a cache offset, window, pattern or padding
+        needs more. k_pos: the absolute position of each key the layer sees (None: 0..offset+T-1)."""
+        window = self.cfg.sliding_window if kind == "sliding" else None
         needs_window = window is not None and offset + T > window
-        if attention_mask is None and not needs_window and (offset == 0 or T == 1):
+        if (kind != "sparse" and attention_mask is None and not needs_window and k_pos is None
+                and (offset == 0 or T == 1)):
             return None
-        causal = causal_mask(T, offset + T, offset, window, device=device)
-        pad = padding_mask(attention_mask) if attention_mask is not None else None
-        mask = combine(causal, pad)
+        q_pos = torch.arange(offset, offset + T, device=device)
+        pad = None
+        if attention_mask is not None:  # over absolute positions 0..offset+T-1: pick the keys' columns
+            pad = padding_mask(attention_mask if k_pos is None else attention_mask[:, k_pos.clamp(min=0)])
+        if k_pos is None:
+            k_pos = torch.arange(offset + T, device=device)
+        allowed = layer_mask(kind, q_pos, k_pos, self.cfg)
+        mask = combine(allowed, pad)
         if pad is not None:
             # a fully padded query row (left padding) would softmax over nothing -> NaN; let it see itself
-            mask = mask | _diagonal(T, offset, device)
+            mask = mask | (q_pos[:, None] == k_pos[None, :])
         return mask
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The sum of the auxiliary losses the last forward left on its modules (MoE load balancing
+        and router z-loss, Mixture-of-Depths' predictor), already weighted; None when there are none.
+        The training task adds it to the objective's loss."""
+        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None
+                  and isinstance(m.aux_loss, torch.Tensor)]
+        return torch.stack(losses).sum() if losses else None
 
     def use_decode_layout(self) -> "DecoderLM":
         """Place the weights for decoding, once (generation calls this): a fast path registered in
@@ -140,10 +172,10 @@ class DecoderLM(nn.Module):
         return self
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        cfg = self.cfg
+        """The cache this model's attention kind decodes with, for `max_len` positions (default: the context)."""
         p = self.tok_emb.weight
-        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len or cfg.context_length, cfg.head_dim,
-                       dtype or p.dtype, p.device)
+        return ATTENTIONS[self.cfg.attention].make_cache(self.cfg, batch_size, max_len or self.cfg.context_length,
+                                                         dtype or p.dtype, p.device)
 
     # --- accounting ---------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -174,10 +206,3 @@ class DecoderLM(nn.Module):
         t = seq_len or cfg.context_length
         n = self.num_params(exclude_embeddings=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
         return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
-
-
-def _diagonal(T: int, offset: int, device: torch.device) -> torch.Tensor:
-    """[T, offset+T] bool with each query's own position set."""
-    m = torch.zeros(T, offset + T, dtype=torch.bool, device=device)
-    m[torch.arange(T), torch.arange(offset, offset + T)] = True
-    return m

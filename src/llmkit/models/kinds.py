@@ -20,6 +20,7 @@ from torch import nn
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
+from llmkit.nn.blocks import ATTENTIONS
 from llmkit.utils import atomic_write_text, read_json_object
 
 ARCHITECTURE_KEY = "architecture"
@@ -201,7 +202,7 @@ def _decoder_buffers(model: DecoderLM) -> None:
 
 def _decoder_info(model: DecoderLM) -> list[str]:
     cfg = model.cfg
-    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.tok_emb.weight.element_size()
+    per_token = ATTENTIONS[cfg.attention].cache_bytes_per_token(cfg, model.tok_emb.weight.element_size())
     return [f"KV cache: {per_token:,} bytes per token ({per_token * cfg.context_length / 2**20:.1f} MiB for the "
             f"full context of {cfg.context_length})"]
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from llmkit.nn import seams
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
+from llmkit.nn.norms import RMSNorm
 from llmkit.nn.positions import apply_rotary
 
 if TYPE_CHECKING:
@@ -97,44 +98,73 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
 
 class Attention(nn.Module):
     """Self-attention with a fused q/k/v projection: causal (decoders) or bidirectional
-    (`causal=False`, encoders); RoPE angles, a bool mask and a KV cache come in as inputs."""
+    (`causal=False`, encoders); RoPE angles, a bool mask, an additive bias (ALiBi) and a KV cache
+    come in as inputs. From the config: the score scale (`attn_scale`), logit soft-capping
+    (`attn_softcap`, Gemma 2) and query-key RMSNorm (`qk_norm`: per head as Qwen3, or over all heads
+    as OLMo 2; Henry et al. 2020, Dehghani et al. 2023)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.causal = causal
-        self.scale: float | None = None  # None: 1 / sqrt(head_dim); T5 uses 1.0
+        self.scale: float | None = cfg.attn_scale  # None: 1 / sqrt(head_dim); T5 uses 1.0
+        self.softcap: float | None = cfg.attn_softcap
         self.qkv = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm is not None:  # "head": over each head's channels; "full": over all heads at once
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(cfg.head_dim if per_head else cfg.n_heads * cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim if per_head else cfg.n_kv_heads * cfg.head_dim, eps=cfg.norm_eps)
+            self.qk_norm_per_head = per_head
         self.return_weights = False  # set by interpretability tools: then the eager path runs
         self.last_weights: torch.Tensor | None = None
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection's output [B, T, (H + 2 KV) d] as q [B, H, T, d], k, v [B, KV, T, d]."""
+        """The fused projection's output [B, T, (H + 2 KV) d] as q [B, H, T, d], k, v [B, KV, T, d]
+        (query-key norms applied when the config has them)."""
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
                              self.n_kv_heads * self.head_dim], dim=-1)
-        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
-                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
-                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        qk_norm = "q_norm" in self._modules
+        if qk_norm and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if qk_norm and self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C]. `mask`: bool, broadcastable to [B, H, T, S], or None for plain causal (or
-        none at all when not causal). `cache`: keys and values of earlier positions, extended here."""
+        none at all when not causal). `cache`: keys and values of earlier positions, extended here.
+        `bias`: additive float scores bias broadcastable to [B, H, T, S] (ALiBi)."""
         B, T, _ = x.shape
         q, k, v = self.split_heads(self.qkv(x))
-        if rope is not None:
+        if rope is not None:  # angles for fewer channels than head_dim rotate those only (partial RoPE)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # with a mask the caller has put causality in it; a single new token sees every cached key
         is_causal = self.causal and mask is None and T > 1
-        y, weights = attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
-                            dropout=self.dropout if self.training else 0.0, return_weights=self.return_weights)
+        y, weights = attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, bias=bias,
+                            dropout=self.dropout if self.training else 0.0, softcap=self.softcap,
+                            return_weights=self.return_weights)
         if self.return_weights:
             self.last_weights = weights
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
+
+    @staticmethod
+    def make_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device | str) -> KVCache:
+        """The KV cache a decoder made of this attention decodes with (keys and values per KV head)."""
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    @staticmethod
+    def cache_bytes_per_token(cfg: ModelConfig, element_size: int) -> int:
+        """KV-cache bytes one position costs across all layers: 2 (k, v) x layers x KV heads x head_dim."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * element_size

@@ -28,6 +28,11 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def key_positions(self, layer: int, n: int) -> torch.Tensor | None:
+        """The absolute position of each key `update` will return for layer `layer` after n new
+        positions, or None when they are simply 0..pos+n-1 (as here)."""
+        return None
+
     def advance(self, n: int) -> None:
         """Called once per forward pass, after every layer has written its n new positions."""
         self.pos += n

@@ -28,3 +28,15 @@ def combine(*masks: torch.Tensor | None) -> torch.Tensor | None:
         if m is not None:
             out = m if out is None else out & m
     return out
+
+
+def layer_mask(kind: str, q_pos: torch.Tensor, k_pos: torch.Tensor, cfg) -> torch.Tensor:
+    """[T, S] bool: which keys (at absolute positions `k_pos`, -1 = an empty cache slot) each query
+    (at `q_pos`) of a layer of type `kind` may attend to: causal for "full", and within
+    `cfg.sliding_window` for "sliding"."""
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
+    if kind == "sliding":
+        allowed &= k_pos[None, :] > q_pos[:, None] - cfg.sliding_window
+    elif kind != "full":
+        raise ValueError(f"no mask for layer type {kind!r}")
+    return allowed

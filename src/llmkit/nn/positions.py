@@ -30,7 +30,7 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
 
 
 class LearnedPositions(nn.Module):
-    additive, rotary = True, False
+    additive, rotary, biased = True, False, False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -42,7 +42,7 @@ class LearnedPositions(nn.Module):
 
 
 class SinusoidalPositions(nn.Module):
-    additive, rotary = True, False
+    additive, rotary, biased = True, False, False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,16 +90,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of x [B, H, T, d] by position-dependent angles [B, 1, T, d]."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate channel pairs (i, i + r/2) of the first r channels of x [B, H, T, d] by position-dependent
+    angles [B, 1, T, r]; r < d (partial rotary, GPT-NeoX and Phi) leaves the other channels as they are."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
 class RotaryPositions(nn.Module):
-    additive, rotary = False, True
+    additive, rotary, biased = False, True, False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base)
+        inv_freq = rope_inv_freq(cfg.rotary_dim or cfg.head_dim, cfg.rope_base)
         if cfg.rope_scaling:
             scaling = dict(cfg.rope_scaling)
             kind = scaling.pop("type", scaling.pop("rope_type", None))
@@ -130,7 +135,7 @@ class RotaryPositions(nn.Module):
 
 
 class NoPositions(nn.Module):
-    additive, rotary = False, False
+    additive, rotary, biased = False, False, False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
