@@ -6,7 +6,37 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("presets", help="list model presets", description="List the named model presets.")
+    p.add_argument("--fields", action="store_true",
+                   help="list every model config field instead: its default and the values it takes "
+                        "(set them with a recipe's model: keys or `llmkit train --model FIELD=VALUE`)")
     p.set_defaults(func=run)
+
+
+def print_fields() -> None:
+    """Every ModelConfig field, its default and, for registry fields and settings objects, the choices."""
+    import dataclasses
+
+    from llmkit.config import FIELD_RULES, SUBCONFIGS, ModelConfig
+    from llmkit.nn.blocks import ATTENTIONS, BLOCKS, LAYER_TYPES
+    from llmkit.nn.mlp import MLPS
+    from llmkit.nn.norms import NORMS
+    from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
+
+    registries = {"attention": ATTENTIONS, "block": BLOCKS, "mlp": MLPS, "norm": NORMS, "position": POSITIONS}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in registries:
+            takes = "one of " + ", ".join(registries[f.name])
+        elif f.name in SUBCONFIGS:
+            takes = "null or {" + ", ".join(f"{k}: {d}" for k, (_, d) in SUBCONFIGS[f.name].items()) + "}"
+        elif f.name == "layer_types":
+            takes = "null or a list, one per layer, of " + ", ".join(LAYER_TYPES)
+        elif f.name == "rope_scaling":
+            takes = "null or {type: " + " | ".join(ROPE_SCALINGS) + ", factor: ..., ...}"
+        else:
+            takes = FIELD_RULES[f.name].describe() if f.name in FIELD_RULES else ""
+            if f.name in FIELD_RULES and FIELD_RULES[f.name].optional:
+                takes += ", or null"
+        print(f"{f.name:<16} default {f.default!r:<12} {takes}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.config import PRESETS, ModelConfig
     from llmkit.models.decoder import DecoderLM
 
+    if args.fields:
+        print_fields()
+        return 0
     print(f"{'preset':<12} {'params':>10}  layers  width  heads  kv  mlp        norm       position")
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from llmkit.cli.args import add_dataclass_options, given
 from llmkit.training.config import TrainConfig, build_train_config
@@ -14,13 +15,33 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="YAML recipe whose keys are the options below (default: none)")
     add_dataclass_options(p, TrainConfig, skip=("model",))
+    p.add_argument("--model", dest="model", action="append", type=model_setting, metavar="FIELD=VALUE",
+                   help="set one model config field (repeatable; over the recipe's model: keys), the value in "
+                        "YAML: --model block=sandwich --model qk_norm=head --model 'moe={n_experts: 4, top_k: 2}' "
+                        "(fields: `llmkit presets --fields`)")
     p.set_defaults(func=run)
+
+
+def model_setting(text: str) -> tuple[str, Any]:
+    """FIELD=VALUE with VALUE read as YAML (a number, true, null, a list or an object), for --model."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. block=sandwich, got {text!r}")
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"the value of {name.strip()} is not YAML ({str(e).splitlines()[0]})") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from llmkit.training.loop import train
 
-    cfg = build_train_config(args.recipe, **given(args, TrainConfig))
+    flags = given(args, TrainConfig)
+    if "model" in flags:
+        flags["model"] = dict(flags["model"])
+    cfg = build_train_config(args.recipe, **flags)
     result = train(cfg)
     if result is not None:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"

@@ -160,6 +160,8 @@ def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainC
         stored = read_json_object(saved)
         values.update({k: v for k, v in stored.items() if k in field_names() and k not in _PER_INVOCATION})
     given = load_recipe(recipe) if recipe is not None else {}
+    if isinstance(flags.get("model"), dict) and isinstance(given.get("model"), dict):  # --model sets single fields
+        flags = {**flags, "model": {**given["model"], **flags["model"]}}
     given.update({k: v for k, v in flags.items() if v is not None})
     changed = [k for k in FIXED_ON_RESUME if k in given and k in stored and given[k] != stored[k]]
     if changed:
