@@ -17,7 +17,7 @@ from llmkit.options import Rule, integer, number
 from llmkit.nn.blocks import ATTENTIONS, BLOCKS, LAYER_TYPES
 from llmkit.nn.mlp import MLPS
 from llmkit.nn.norms import NORMS
-from llmkit.nn.positions import POSITIONS, ROPE_SCALINGS
+from llmkit.nn.positions import POSITIONS, ROPE_SCALING_KEYS, ROPE_SCALING_OPTIONAL_KEYS, ROPE_SCALINGS
 from llmkit.utils import atomic_write_text, read_json_object
 
 
@@ -66,7 +66,7 @@ SUBCONFIGS: dict[str, dict[str, tuple[Rule, Any]]] = {
         "qk_nope_head_dim": (integer(1, 1024), 128), "qk_rope_head_dim": (integer(2, 1024), 64),
         "v_head_dim": (integer(1, 1024), 128),
     },
-    # Mixture-of-Depths (llmkit.nn.mod), Raposo et al. 2024
+    # Mixture-of-Depths (llmkit.nn.depth_routing), Raposo et al. 2024
     "mod": {
         "capacity": (number(above=0.0, max=1.0), 0.125),  # the share of tokens a routed block processes
         "every": (integer(1, 1024), 2),  # route every N-th block (the others process every token)
@@ -82,9 +82,27 @@ SUBCONFIGS: dict[str, dict[str, tuple[Rule, Any]]] = {
         "global_blocks": (integer(0, 1 << 16), 1),  # block pattern: leading blocks everyone sees
     },
 }
-ROPE_SCALING_RULES: dict[str, Rule] = {
+
+
+class _FactorList:
+    """A rope_scaling rule for LongRoPE's per-frequency factors: a list of finite numbers > 0."""
+
+    def check(self, value: Any, name: str) -> list[float]:
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(_is_number(v) and 0 < v <= 1e6 for v in value)):
+            raise UserError(f"{name} must be a list of finite numbers > 0 (one per rotated channel pair), "
+                            f"got {type(value).__name__} {value!r}")
+        return [float(v) for v in value]
+
+
+# Each rope_scaling key's values (llmkit.nn.positions.ROPE_SCALING_KEYS says which type takes which).
+ROPE_SCALING_RULES: dict[str, Any] = {
     "factor": number(above=0.0, max=1e6), "low_freq_factor": number(above=0.0, max=1e6),
     "high_freq_factor": number(above=0.0, max=1e6), "original_max_position_embeddings": integer(1, 1 << 22),
+    "attention_factor": number(above=0.0, max=1e6, optional=True),  # yarn, longrope: None = the paper's
+    "beta_fast": number(above=0.0, max=1e6, optional=True), "beta_slow": number(above=0.0, max=1e6, optional=True),
+    "mscale": number(0.0, max=1e6, optional=True), "mscale_all_dim": number(0.0, max=1e6, optional=True),
+    "truncate": Rule(bool), "short_factor": _FactorList(), "long_factor": _FactorList(),
 }
 
 
@@ -233,17 +251,33 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALINGS:
                 raise UserError(f"config: unknown rope_scaling type {kind!r}: choose one of {', '.join(ROPE_SCALINGS)}")
-            missing = [name for name in _required_parameters(ROPE_SCALINGS[kind])
-                       if not _is_number(self.rope_scaling.get(name))]
-            if missing:
-                raise UserError(f"config: rope_scaling {kind!r} needs numbers for {', '.join(missing)} "
-                                f"(got {self.rope_scaling}): copy them from the model's original config")
+            self._check_rope_scaling(kind)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
             raise UserError(f"config: norm_eps must be > 0, got {self.norm_eps}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise UserError(f"config: sliding_window must be a positive integer or null, got {self.sliding_window}")
+
+    def _check_rope_scaling(self, kind: str) -> None:
+        """The keys a scaling type requires are there, no other key is, and the values fit the head."""
+        required, optional = ROPE_SCALING_KEYS[kind], ROPE_SCALING_OPTIONAL_KEYS.get(kind, ())
+        missing = [name for name in required if self.rope_scaling.get(name) is None]
+        if missing:
+            raise UserError(f"config: rope_scaling {kind!r} needs {', '.join(missing)} "
+                            f"(got {self.rope_scaling}): copy them from the model's original config")
+        unknown = sorted(set(self.rope_scaling) - {"type", "rope_type", *required, *optional})
+        if unknown:
+            raise UserError(f"config: rope_scaling {kind!r} takes no {', '.join(unknown)}: its keys are "
+                            f"{', '.join((*required, *optional))}")
+        dim = self.rotary_dim or self.head_dim
+        if kind in ("dynamic", "ntk") and dim <= 2:
+            raise UserError(f"config: rope_scaling {kind!r} changes the base by an exponent d / (d - 2): it needs "
+                            f"more than 2 rotated channels, got {dim}")
+        for key in ("short_factor", "long_factor"):
+            if key in self.rope_scaling and len(self.rope_scaling[key]) != dim // 2:
+                raise UserError(f"config: rope_scaling.{key} has {len(self.rope_scaling[key])} factors: give one per "
+                                f"rotated channel pair, {dim // 2} (rotary_dim or head_dim / 2)")
 
     @property
     def n_query_groups(self) -> int:
@@ -284,7 +318,7 @@ class ModelConfig:
 
 
 def _default_d_ff(mlp: str, d_model: int) -> int:
-    if mlp == "swiglu":  # keep the parameter count of a 4x GELU MLP (LLaMA paper), rounded to 64
+    if mlp in ("swiglu", "geglu"):  # gated: keep the parameter count of a 4x GELU MLP (LLaMA paper), rounded to 64
         return int(-(-(8 * d_model // 3) // 64) * 64)
     return 4 * d_model
 
@@ -304,14 +338,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                         d_ff=1536, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, position="rope",
                         rope_base=10000.0, bias=False, tie_embeddings=True, init_std=0.02),
 }
-
-
-def _required_parameters(fn: Any) -> list[str]:
-    """The parameters of a scaling function after the first (inv_freq) that have no default."""
-    import inspect
-
-    params = list(inspect.signature(fn).parameters.values())[1:]
-    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _is_number(value: Any) -> bool:

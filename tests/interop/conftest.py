@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from interop_helpers import HF_MODELS, STORIES, random_hf_model, transformers
+from interop_helpers import (HF_MODELS, STORIES, SWITCHBOARD_MODELS, random_hf_model, random_switchboard_model,
+                             transformers)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,21 @@ def stories() -> Path:
     if not (STORIES / "stories260K.bin").is_file():
         pytest.skip("../shared/data/models/stories260K is not present")
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def switch_dirs(tmp_path_factory) -> dict[str, Path]:
+    """SWITCHBOARD_MODELS saved once per session: name -> directory."""
+    root = tmp_path_factory.mktemp("switchboard")
+    out = {}
+    for name in SWITCHBOARD_MODELS:
+        random_switchboard_model(name).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def switch_models(switch_dirs) -> dict[str, object]:
+    """name -> the reference transformers model, reloaded from its saved directory."""
+    return {name: transformers.AutoModelForCausalLM.from_pretrained(
+        d, attn_implementation=SWITCHBOARD_MODELS[name][1]).eval() for name, d in switch_dirs.items()}

@@ -34,7 +34,8 @@ def test_unsupported_architecture_names_the_supported_families(hf_dirs, tmp_path
     with pytest.raises(UserError) as err:
         load_hf(d)
     assert "unsupported architecture BertForMaskedLM" in _one_line(err)
-    assert "gpt2, llama, mistral, qwen2" in str(err.value)
+    from llmkit.interop.families import FAMILIES, supported
+    assert f"families {supported()}" in str(err.value) and all(name in str(err.value) for name in FAMILIES)
 
 
 def test_index_pointing_to_a_missing_shard_names_the_file(sharded_llama, tmp_path):
@@ -100,6 +101,7 @@ def test_extra_tensors_mean_the_config_does_not_describe_the_weights(hf_dirs, tm
     d = _copy(hf_dirs["qwen2"], tmp_path / "m")
     config = json.loads((d / "config.json").read_text())
     config["num_hidden_layers"] = 1
+    config["layer_types"] = config["layer_types"][:1]  # one per layer, or transformers refuses the file too
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"tensors llmkit would not use \(model\.layers\.1\."):
         load_hf(d)

@@ -12,7 +12,7 @@ from interop_helpers import FAMILY_OF, HF_MODELS
 from llmkit.errors import UserError
 from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.interop import config_from_hf, load_hf
-from llmkit.interop.families import family_of, qwen2_window, rope_from_hf
+from llmkit.interop.families import QWEN2_DEFAULTS, family_of, qwen2_window, qwen_layers, rope_from_hf
 
 NAMES = sorted(HF_MODELS)
 
@@ -95,18 +95,27 @@ def test_transformers_v4_rope_keys_parse_like_v5_rope_parameters():
     assert rope_from_hf({}) == (10000.0, None)
 
 
-def test_qwen2_window_on_all_layers_maps_and_on_some_layers_is_refused():
+def test_qwen2_windows_map_to_layer_types_as_transformers_derives_them():
     base = {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 16}
-    assert qwen2_window({**base, "max_window_layers": 0}) == 16
-    assert qwen2_window({**base, "max_window_layers": 4}) is None
-    assert qwen2_window({**base, "use_sliding_window": False}) is None
-    with pytest.raises(UserError, match="only some layers"):
-        qwen2_window({**base, "max_window_layers": 2})
+    assert qwen_layers({**base, "max_window_layers": 0}, QWEN2_DEFAULTS) == (16, None)  # all slide
+    assert qwen_layers({**base, "max_window_layers": 4}, QWEN2_DEFAULTS) == (None, None)  # none slides
+    assert qwen_layers({**base, "use_sliding_window": False}, QWEN2_DEFAULTS) == (None, None)
+    assert qwen_layers({**base, "max_window_layers": 2}, QWEN2_DEFAULTS) == (16, ["full", "full", "sliding", "sliding"])
+    assert qwen2_window({**base, "max_window_layers": 2}) == 16
 
 
 def test_unsupported_rope_type_is_refused_naming_the_supported_ones():
-    with pytest.raises(UserError, match="rope type 'yarn'.*default, linear, llama3"):
-        rope_from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UserError, match="rope type 'axial'.*default, linear, .*llama3"):
+        rope_from_hf({"rope_parameters": {"rope_type": "axial", "factor": 4.0}})
+
+
+def test_rope_scaling_carries_required_and_given_optional_keys_and_fills_the_original_length():
+    theta, scaling = rope_from_hf({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                                       "beta_fast": 16}}, context_length=4096)
+    assert (theta, scaling) == (5e5, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                                      "beta_fast": 16})
+    with pytest.raises(UserError, match="longrope rope scaling lacks short_factor, long_factor"):
+        rope_from_hf({"rope_parameters": {"rope_type": "longrope"}}, context_length=64)
 
 
 def test_mistral_fixture_really_exercises_the_sliding_window(hf_dirs, hf_models):

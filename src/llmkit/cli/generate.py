@@ -51,6 +51,16 @@ def decoding_settings(args: argparse.Namespace) -> GenerationConfig:
     return cfg
 
 
+def warn_if_extrapolated(model, context_length: int | None) -> None:
+    """One warning line when --context-length takes a RoPE model without a context-extension
+    scaling past the length it was trained on (its angles there were never seen in training)."""
+    cfg = getattr(model, "cfg", None)
+    if (context_length is not None and cfg is not None and context_length > cfg.context_length
+            and getattr(cfg, "position", None) == "rope" and not getattr(cfg, "rope_scaling", None)):
+        print(f"warning: --context-length {context_length} is past the {cfg.context_length} positions this model was "
+              "trained on: RoPE without a rope_scaling extrapolates there, and quality may drop", file=sys.stderr)
+
+
 def load_draft(args: argparse.Namespace):
     if not args.draft:
         return None
@@ -75,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     tok = lm.require_tokenizer()
     cfg = decoding_settings(args)
+    warn_if_extrapolated(lm.model, cfg.context_length)
     draft = load_draft(args)
     prompt = args.prompt
     if not prompt and tok.bos_id is None:

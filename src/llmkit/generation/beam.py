@@ -22,6 +22,7 @@ import torch
 from llmkit.errors import UserError
 from llmkit.generation.decode_loop import free_memory, model_device, prefill, step, stop_ids_of
 from llmkit.generation.sampling import History, build_processors
+from llmkit.nn.blocks import ATTENTIONS
 
 NEG = -1.0e9  # "impossible" score, finite so that sums stay ordered
 
@@ -73,7 +74,8 @@ def beam_memory(model, num_beams: int, cache_len: int) -> int:
     (logits, their float log-softmax, the candidate sums: about four [beams, vocab] fp32 arrays)."""
     cfg = model.cfg
     element = next(model.parameters()).element_size()
-    cache = 2 * cfg.n_layers * num_beams * cfg.n_kv_heads * cache_len * cfg.head_dim * element
+    per_token = ATTENTIONS[getattr(cfg, "attention", "mha")].cache_bytes_per_token(cfg, element)
+    cache = num_beams * cache_len * per_token
     return 2 * cache + 4 * num_beams * cfg.vocab_size * 4
 
 

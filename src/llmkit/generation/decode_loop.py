@@ -15,6 +15,7 @@ import torch
 from llmkit import accel
 from llmkit.errors import UserError
 from llmkit.models.kinds import require_text_generation
+from llmkit.nn.blocks import ATTENTIONS
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -77,14 +78,67 @@ def check_model(model: torch.nn.Module) -> None:
     require_text_generation(model)
 
 
-def check_prompt(model, prompt_ids: Sequence[int]) -> None:
-    """UserError for an empty prompt or one longer than the model's context."""
-    ctx = model.cfg.context_length
+def check_prompt(model, prompt_ids: Sequence[int], limit: int | None = None) -> None:
+    """UserError for an empty prompt or one longer than `limit` (default: the model's context)."""
+    ctx = model.cfg.context_length if limit is None else limit
     if not prompt_ids:
         raise UserError("empty prompt: give at least one token of text (or a tokenizer with a BOS token)")
     if len(prompt_ids) > ctx:
-        raise UserError(f"prompt is {len(prompt_ids)} tokens but the model's context is {ctx}: shorten the prompt")
+        where = "the model's context" if ctx == model.cfg.context_length else "the decoding context (context_length)"
+        raise UserError(f"prompt is {len(prompt_ids)} tokens but {where} is {ctx}: shorten the prompt")
     check_ids(model, prompt_ids, "prompt token id")
+
+
+# --- how far positions go --------------------------------------------------------------------
+
+def positions_extrapolate(model) -> bool:
+    """Whether the model's positions are defined past its context_length (RoPE, ALiBi, sinusoidal,
+    none: the same formula goes on; learned ones end there). Transformers' generate continues at
+    positions past max_position_embeddings for these too."""
+    return bool(getattr(getattr(model, "pos", None), "extrapolates", False))
+
+
+def context_limit(model, context_length: int | None = None) -> int:
+    """The positions a decode may reach: `context_length` when given (GenerationConfig's), else the
+    model's context. A UserError when learned positions would be asked for more than they have."""
+    ctx = model.cfg.context_length
+    if context_length is None:
+        return ctx
+    if context_length > ctx and not positions_extrapolate(model):
+        raise UserError(f"context_length {context_length} is past this model's {ctx} positions: its "
+                        f"{model.cfg.position!r} position embeddings end there; use context_length {ctx} or less")
+    return context_length
+
+
+def decode_window(model, prompt_len: int, max_new_tokens: int, context_length: int | None = None,
+                  batch_size: int = 1) -> int:
+    """The KV cache length (positions kept at once) for a decode of `max_new_tokens` after a prompt.
+
+    With `context_length` given, or positions that end at the context (learned), at most that many:
+    a longer sampling run slides (re-prefills the most recent half, positions restarting at 0) and a
+    batch stops. Otherwise (RoPE, ALiBi, sinusoidal, none) the whole prompt + max_new_tokens, at
+    positions past the model's context, as transformers generates; a UserError if that cache would
+    not fit in free memory."""
+    limit = context_limit(model, context_length)
+    want = prompt_len + max_new_tokens
+    if context_length is None and positions_extrapolate(model) and want > limit:
+        free = free_memory(model_device(model))
+        need = _cache_bytes(model, want, batch_size)
+        if free is not None and need is not None and need > free:
+            raise UserError(f"{want} positions (prompt + max_new_tokens) need a {need / 2**30:.1f} GiB KV cache but "
+                            f"{free / 2**30:.1f} GiB is free: lower max_new_tokens, or set context_length (a "
+                            "window that slides)")
+        limit = want
+    return max(1, min(limit, want))
+
+
+def _cache_bytes(model, positions: int, batch_size: int) -> int | None:
+    """Bytes of a KV cache of `positions` for this model (None when its attention does not say)."""
+    cfg = model.cfg
+    attention = ATTENTIONS.get(getattr(cfg, "attention", None))
+    if attention is None or not hasattr(attention, "cache_bytes_per_token"):
+        return None
+    return attention.cache_bytes_per_token(cfg, next(model.parameters()).element_size()) * positions * batch_size
 
 
 def check_ids(model, ids: Sequence[int], what: str) -> None:

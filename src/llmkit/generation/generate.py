@@ -16,11 +16,13 @@ import llmkit.generation.sampling as sampling
 from llmkit.errors import UserError
 from llmkit.options import check_fields, flag, integer, number, option
 from llmkit.generation.beam import beam_search
-from llmkit.generation.decode_loop import (check_ids, check_model, check_prompt, decode_threads, make_generator,
-                                          model_device, prefill, prepare, step, stop_ids_of)
+from llmkit.generation.decode_loop import (check_ids, check_model, check_prompt, context_limit, decode_threads,
+                                          decode_window, make_generator, model_device, positions_extrapolate,
+                                          prefill, prepare, step, stop_ids_of)
 from llmkit.generation.sampling import History, build_processors
 from llmkit.generation.speculative import speculative_tokens
 from llmkit.generation.streaming import TextStreamer, cut_at_stop
+from llmkit.nn.kv_cache import sink_cache
 
 
 MIN_TEMPERATURE = 1e-6  # below it, logits / temperature overflows float32: use 0 (greedy)
@@ -50,6 +52,14 @@ class GenerationConfig:
     vocab_limit: int | None = option(None, "never generate ids >= this (text generation sets it to the tokenizer's "
                                      "vocabulary when the model's embedding is padded beyond it)",
                                      integer(1, 1 << 24, optional=True))
+    context_length: int | None = option(None, "positions to decode at most, prompt included (a longer sampling run "
+                                        "slides; a model trained shorter extrapolates up to it); default: the "
+                                        "model's context, or prompt + max new tokens where its positions go on "
+                                        "(RoPE, ALiBi, sinusoidal, none)", integer(1, 1 << 22, optional=True))
+    attention_sinks: int | None = option(None, "stream past the context with a bounded cache (StreamingLLM): keep "
+                                         "the first N positions (the attention sinks) and the most recent "
+                                         "context - N; sampling and greedy decoding, positions that go on (RoPE, "
+                                         "ALiBi, sinusoidal, none)", integer(1, 1 << 20, optional=True))
 
     def validate(self) -> None:
         check_fields(self)
@@ -70,17 +80,22 @@ class GenerationConfig:
 
 def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_id: int | None = None,
                   draft=None) -> Iterator[int]:
-    """Greedy or sampled decoding of one sequence. When the context fills, keep the most recent half
-    and prefill it again (so generation can run past the context length)."""
+    """Greedy or sampled decoding of one sequence. Positions go on past the model's context where
+    they are defined there (`decode_window`: RoPE, ALiBi, sinusoidal, none), as transformers does;
+    where they are not (learned), or past `cfg.context_length`, the window slides: keep the most
+    recent half and prefill it again, at positions from 0 (a learned table has no later row)."""
     device = model_device(model)
-    ctx = model.cfg.context_length
     generator = make_generator(cfg.seed, device)
     stop_ids = stop_ids_of(cfg, eos_id)
     process = build_processors(cfg)
     ids = list(prompt_ids)
     prompt = torch.tensor([ids], device=device)
     history = History.start(prompt, model.cfg.vocab_size) if process.needs_history else None
-    cache = model.make_cache(1, ctx)
+    if cfg.attention_sinks is not None:  # streaming: a cache of fixed size that never fills
+        cache, ctx = streaming_cache(model, cfg, len(ids)), None
+    else:
+        ctx = decode_window(model, len(ids), cfg.max_new_tokens, cfg.context_length)
+        cache = model.make_cache(1, ctx)
     logits = prefill(model, prompt, cache)
     for n in range(cfg.max_new_tokens):
         with decode_threads(device):  # one-row sampling: no OpenMP region (see decode_loop.DECODE_THREADS)
@@ -92,11 +107,29 @@ def sample_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig, eos_i
         ids.append(token)
         if history is not None:
             history.add(nxt)
-        if cache.pos >= ctx:  # slide: keep the most recent half of the context
+        if ctx is not None and cache.pos >= ctx:  # slide: keep the most recent half of the context
             cache.reset()
-            logits = prefill(model, torch.tensor([ids[-(ctx // 2):]], device=device), cache)
+            logits = prefill(model, torch.tensor([ids[-max(1, ctx // 2):]], device=device), cache)
         else:
             logits = step(model, nxt[:, None], cache)
+
+
+def streaming_cache(model, cfg: GenerationConfig, prompt_len: int):
+    """The attention-sink cache (StreamingLLM, Xiao et al. 2023) for `cfg.attention_sinks`: the
+    first N positions and the most recent (context - N), keys at their original positions
+    (llmkit.nn.kv_cache.sink_cache), for positions that go on past the context."""
+    n_sink, ctx = cfg.attention_sinks, cfg.context_length or model.cfg.context_length
+    if not positions_extrapolate(model):
+        raise UserError("attention_sinks streams past the context, which learned positions end at: "
+                        "drop --attention-sinks (generation slides the window instead)")
+    if getattr(model.cfg, "attention", "mha") != "mha" or getattr(model.cfg, "mod", None) is not None:
+        raise UserError(f"attention_sinks works with multi-head attention caches (GQA, MQA included), not "
+                        f"attention {model.cfg.attention!r} or Mixture-of-Depths: drop --attention-sinks")
+    if n_sink >= ctx:
+        raise UserError(f"attention_sinks {n_sink} leaves no room for recent tokens in a context of {ctx}: "
+                        "use fewer sinks (StreamingLLM uses 4)")
+    p = next(model.parameters())
+    return sink_cache(model.cfg, 1, n_sink, ctx - n_sink, p.dtype, p.device, max_len=prompt_len + cfg.max_new_tokens)
 
 
 def _beam(model, prompt_ids, cfg, eos_id=None, draft=None) -> Iterator[int]:
@@ -126,11 +159,18 @@ def generate_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig | No
     for m in (model, draft):
         if m is not None:
             check_model(m)
-    check_prompt(model, prompt_ids)
+    name = strategy_name(cfg, draft)
+    if name != "sample" and cfg.context_length is not None and cfg.context_length > model.cfg.context_length:
+        raise UserError(f"context_length {cfg.context_length} past the model's {model.cfg.context_length} applies to "
+                        "sampling and greedy decoding only: drop it, or num_beams / the draft model")
+    if name != "sample" and cfg.attention_sinks is not None:
+        raise UserError("attention_sinks applies to sampling and greedy decoding only: drop it, or num_beams / "
+                        "the draft model")
+    check_prompt(model, prompt_ids, context_limit(model, cfg.context_length) if name == "sample" else None)
     check_ids(model, cfg.stop_token_ids, "stop token id")
     for m in (model, draft):
         prepare(m)
-    yield from STRATEGIES[strategy_name(cfg, draft)](model, prompt_ids, cfg, eos_id, draft)
+    yield from STRATEGIES[name](model, prompt_ids, cfg, eos_id, draft)
 
 
 # --- batched, left padded ----------------------------------------------------------------------------
@@ -153,21 +193,25 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
 
     Row i equals `generate_tokens(model, prompts[i], cfg)`: positions restart at 0 on each row's
     first real token, padding is masked out, and each row samples with its own generator seeded
-    with `cfg.seed`. Rows end at their stop token (included); generation stops at the context length.
+    with `cfg.seed`. Rows end at their stop token (included); generation stops at the decoding
+    window (`decode_window`: the context, or past it where the positions go on).
     """
     cfg = cfg or GenerationConfig()
     cfg.validate()
+    if cfg.attention_sinks is not None:
+        raise UserError("attention_sinks streams one sequence at a time: generate the prompts one by one")
     if not prompts:
         return []
     check_model(model)
+    limit = context_limit(model, cfg.context_length)
     for p in prompts:
-        check_prompt(model, p)
+        check_prompt(model, p, limit)
     prepare(model)
     device = model_device(model)
     B = len(prompts)
     ids, mask = left_pad(prompts, pad_id, device)
     width = ids.shape[1]
-    total = min(model.cfg.context_length, width + cfg.max_new_tokens)
+    total = decode_window(model, width, cfg.max_new_tokens, cfg.context_length, B)
     full_mask = torch.ones(B, total, dtype=torch.long, device=device)  # built once, sliced per step
     full_mask[:, :width] = mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

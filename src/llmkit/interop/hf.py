@@ -270,8 +270,21 @@ def _match(rules: tuple[Rule, ...], name: str) -> tuple[Rule, str | None]:
 
 
 def expected_hf_shapes(rule: Rule, shape: torch.Size, cfg: ModelConfig) -> list[tuple[int, ...]]:
-    """Shapes the HF tensors of `rule` must have: run the export transform on a meta tensor."""
-    return [tuple(t.shape) for t in TRANSFORMS[rule.transform][1](torch.empty(shape, device="meta"), cfg)]
+    """Shapes the HF tensors of `rule` must have: run the export transform on a meta tensor (a
+    piece's HF tensor holds all n pieces)."""
+    shapes = [tuple(t.shape) for t in TRANSFORMS[rule.transform][1](torch.empty(shape, device="meta"), cfg)]
+    if rule.piece is not None:
+        shapes = [(s[0] * rule.piece[1], *s[1:]) for s in shapes]
+    return shapes
+
+
+def _read_parts(rule: Rule, hf_names: list[str], ckpt: Checkpoint, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The HF tensors a rule's import transform takes (a piece rule: its block of rows, copied out)."""
+    if rule.piece is not None:
+        k, n = rule.piece
+        return [ckpt.get(name, mapped=False).chunk(n, dim=0)[k].clone() for name in hf_names]
+    as_stored = rule.transform == "copy" and ckpt.dtype(hf_names[0]) == dtype
+    return [ckpt.get(name, mapped=as_stored) for name in hf_names]
 
 
 def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, torch.Size], ckpt: Checkpoint,
@@ -282,7 +295,7 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
     used: set[str] = set()
     for name, shape in expected.items():
         rule, layer = _match(family.tensors, name)
-        hf_names = rule.hf_names(layer)
+        hf_names = rule.hf_names(layer, cfg)
         present = [n in ckpt for n in hf_names]
         if rule.zero_if_absent and not any(present):
             state[name] = torch.zeros(shape, dtype=dtype)
@@ -297,11 +310,11 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
                 raise UserError(f"tensor {hf_name} has shape {got} but config.json implies {want}: "
                                 "the weights and config.json come from different models")
             ckpt.dtype(hf_name)  # rejects quantized storage
-        as_stored = rule.transform == "copy" and ckpt.dtype(hf_names[0]) == dtype
-        tensor = TRANSFORMS[rule.transform][0]([ckpt.get(n, mapped=as_stored) for n in hf_names], cfg)
+        tensor = TRANSFORMS[rule.transform][0](_read_parts(rule, hf_names, ckpt, dtype), cfg)
         state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
         used.update(hf_names)
-    ignore = [re.compile(p) for p in family.ignore] + ([re.compile(r"^lm_head\.weight$")] if cfg.tie_embeddings else [])
+    ignore = [re.compile(p) for p in family.ignore] + ([re.compile("^" + re.escape(family.hf_head) + "$")]
+                                                       if cfg.tie_embeddings else [])
     extra = sorted(n for n in ckpt.names() - used if not any(p.search(n) for p in ignore))
     if extra:
         raise UserError(f"checkpoint has tensors llmkit would not use ({', '.join(n if n.isprintable() else repr(n) for n in extra[:3])}): config.json "
@@ -313,14 +326,20 @@ def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The same table run backwards: HF tensor name -> tensor, each its own contiguous storage."""
     out: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in state.items():
         if name == HEAD and cfg.tie_embeddings:
             continue
         rule, layer = _match(family.tensors, name)
         parts = TRANSFORMS[rule.transform][1](tensor.detach(), cfg)
-        for hf_name, part in zip(rule.hf_names(layer), parts):
+        for hf_name, part in zip(rule.hf_names(layer, cfg), parts):
             part = part if dtype is None else part.to(dtype)
-            out[hf_name] = part
+            if rule.piece is not None:
+                pieces.setdefault(hf_name, {})[rule.piece[0]] = part
+            else:
+                out[hf_name] = part
+    for hf_name, blocks in pieces.items():  # the blocks of one fused HF tensor, in order
+        out[hf_name] = torch.cat([blocks[k] for k in sorted(blocks)], dim=0)
     return out
 
 
@@ -343,14 +362,15 @@ def _skipping_init() -> Iterator[None]:
 
 # --- public API ------------------------------------------------------------------------------
 
-def _stored_head_differs(ckpt: Checkpoint, emb: str, dtype: torch.dtype) -> bool:
-    """Whether the checkpoint holds an lm_head.weight that is not the embedding. transformers 5 then
-    keeps both untied (it compares them exactly, in the dtype it loads), whatever config.json says."""
-    if HEAD not in ckpt or emb not in ckpt or ckpt.same_tensor(HEAD, emb):
+def _stored_head_differs(ckpt: Checkpoint, emb: str, head: str, dtype: torch.dtype) -> bool:
+    """Whether the checkpoint holds an LM head (`head`: lm_head.weight, GPT-NeoX's embed_out.weight)
+    that is not the embedding. transformers 5 then keeps both untied (it compares them exactly, in
+    the dtype it loads), whatever config.json says."""
+    if head not in ckpt or emb not in ckpt or ckpt.same_tensor(head, emb):
         return False
-    if ckpt.shape(HEAD) != ckpt.shape(emb):
+    if ckpt.shape(head) != ckpt.shape(emb):
         return True
-    return not torch.equal(ckpt.get(HEAD).to(dtype), ckpt.get(emb).to(dtype))
+    return not torch.equal(ckpt.get(head).to(dtype), ckpt.get(emb).to(dtype))
 
 
 def config_from_hf(directory: str | Path) -> ModelConfig:
@@ -372,14 +392,14 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     cfg = family.to_llmkit(config)
     wanted = parse_dtype(dtype)
     with open_checkpoint(directory, family, config) as ckpt:
-        emb = family.tensors[0].hf[0]
-        if cfg.tie_embeddings and emb not in ckpt and HEAD in ckpt:
-            ckpt.alias(emb, HEAD)  # transformers ties the other way round: the stored head is the embedding too
+        emb, head = family.tensors[0].hf[0], family.hf_head
+        if cfg.tie_embeddings and emb not in ckpt and head in ckpt:
+            ckpt.alias(emb, head)  # transformers ties the other way round: the stored head is the embedding too
         target = wanted or (ckpt.dtype(emb) if emb in ckpt else torch.float32)
         check_runnable(target, device)
-        if cfg.tie_embeddings and _stored_head_differs(ckpt, emb, target):
+        if cfg.tie_embeddings and _stored_head_differs(ckpt, emb, head, target):
             warnings.warn(f"{directory}: config.json ties the embeddings but the checkpoint stores a different "
-                          f"{HEAD}; using the stored head, as transformers does (set tie_word_embeddings=false "
+                          f"{head}; using the stored head, as transformers does (set tie_word_embeddings=false "
                           "to silence this)", stacklevel=2)
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
         try:

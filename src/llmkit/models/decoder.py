@@ -19,6 +19,7 @@ from llmkit.config import ModelConfig
 from llmkit.nn import seams
 from llmkit.nn.attention import soft_cap
 from llmkit.nn.blocks import ATTENTIONS, BLOCKS, Block
+from llmkit.nn.depth_routing import route_depth
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.masks import combine, layer_mask, padding_mask
@@ -40,7 +41,7 @@ class DecoderLM(nn.Module):
         if cfg.embedding_norm:
             self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(BLOCKS[cfg.block](cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(route_depth(BLOCKS[cfg.block](cfg, i), cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -201,8 +202,18 @@ class DecoderLM(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per weight that multiplies (the LM head counts, lookups do
-        not) plus the attention scores (PaLM paper, 2022, appendix B)."""
+        not; of a Mixture-of-Experts layer only the top-k experts a token visits) plus the attention
+        scores and the weighted values (PaLM paper, 2022, appendix B)."""
         cfg = self.cfg
         t = seq_len or cfg.context_length
         n = self.num_params(exclude_embeddings=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
-        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
+        for module in self.modules():  # experts a token does not visit do no work for it
+            experts = getattr(module, "experts", None)
+            if cfg.moe is not None and experts is not None and hasattr(module, "router"):
+                share = cfg.moe["top_k"] / cfg.moe["n_experts"]
+                n -= (1 - share) * sum(p.numel() for p in experts.parameters())
+        if cfg.attention == "mla":  # scores over nope + rope channels, values of v_head_dim
+            qk, v = cfg.mla["qk_nope_head_dim"] + cfg.mla["qk_rope_head_dim"], cfg.mla["v_head_dim"]
+        else:
+            qk = v = cfg.head_dim
+        return 6 * n + 6 * cfg.n_layers * cfg.n_heads * (qk + v) * t

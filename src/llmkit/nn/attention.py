@@ -161,7 +161,22 @@ class Attention(nn.Module):
     @staticmethod
     def make_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                    device: torch.device | str) -> KVCache:
-        """The KV cache a decoder made of this attention decodes with (keys and values per KV head)."""
+        """The KV cache a decoder made of this attention decodes with (keys and values per KV head).
+
+        A `RollingKVCache` where layers of different spans mix (Gemma 2's local and global layers,
+        sparse patterns) and some bounded span is shorter than `max_len`: those layers keep a ring
+        of their window. Where every layer slides by one window (Mistral) it stays `KVCache`, which
+        the native decode step runs with the window applied (it takes no ring); build a
+        `RollingKVCache` directly for flat memory there."""
+        from llmkit.nn.kv_cache import RollingKVCache
+        from llmkit.nn.masks import key_span
+
+        kinds = {cfg.layer_type(i) for i in range(cfg.n_layers)}
+        if kinds != {"sliding"}:
+            for kind in kinds:
+                sinks, window = key_span(kind, cfg)
+                if window is not None and sinks + window + RollingKVCache.SLACK < max_len:
+                    return RollingKVCache(cfg, batch_size, max_len, dtype, device)
         return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
     @staticmethod

@@ -27,18 +27,20 @@ from torch import nn
 
 from llmkit.nn import seams
 from llmkit.nn.attention import Attention
+from llmkit.nn.latent_attention import MultiHeadLatentAttention
 from llmkit.nn.mlp import MLPS
+from llmkit.nn.moe import MoE
 from llmkit.nn.norms import build_norm
 
 if TYPE_CHECKING:
     from llmkit.config import ModelConfig
 
 # cfg.attention -> the self-attention class, built as cls(cfg, layer_idx)
-ATTENTIONS: dict[str, type[nn.Module]] = {"mha": Attention}
+ATTENTIONS: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}
 # what a layer attends to (cfg.layer_types); the masks are llmkit.nn.masks.layer_mask's
 LAYER_TYPES = ("full", "sliding", "sparse")
 # cfg.moe set -> the Mixture-of-Experts class, built as cls(cfg, layer_idx) (llmkit.nn.moe registers it)
-FEEDFORWARDS: dict[str, type[nn.Module]] = {}
+FEEDFORWARDS: dict[str, type[nn.Module]] = {"moe": MoE}
 
 
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:

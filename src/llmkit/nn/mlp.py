@@ -1,6 +1,6 @@
 """Position-wise feed-forward networks: the GELU MLP (GPT-2; GELU from Hendrycks & Gimpel,
 "Gaussian Error Linear Units", 2016) and SwiGLU (Shazeer, "GLU Variants Improve Transformer",
-2020), as used by LLaMA."""
+2020), as used by LLaMA, and GeGLU (the same paper's GELU-gated unit), as used by Gemma."""
 from __future__ import annotations
 
 import torch
@@ -45,4 +45,20 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
-MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU}
+class GeGLU(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)): the gated linear unit with a (tanh-approximated) GELU gate
+    (Shazeer 2020), Gemma's MLP ("gelu_pytorch_tanh" in transformers). SwiGLU's parameters, but its
+    own class (not a subclass), so fast paths that implement SwiGLU's arithmetic step aside for it."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.gate = Linear(d_model, d_ff, bias=bias)
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x)))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU, "geglu": GeGLU}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from llmkit.data.tokens import TokenArray, WindowSampler, train_val_split
 from llmkit.errors import UserError
+from llmkit.nn.moe import MoE
 from llmkit.objectives.builders import build_model_config, build_tokenizer, build_tokens
 from llmkit.objectives.task import Task, TaskOptions, register_task
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
@@ -114,7 +115,43 @@ class CausalLMTask(Task):
         return self.val_data.batch(i, 0, batch_size, rank, world, stream=1)
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean cross entropy (nats/token) of the model's next-token logits against y, in fp32."""
+        """Mean cross entropy (nats/token) of the model's next-token logits against y, in fp32, plus
+        the auxiliary losses the forward left on the model (MoE load balancing and z-loss, weighted;
+        training mode only). Metrics, for models that have them: `aux_loss`, and for MoE layers
+        `expert_load_max` (the busiest expert's share of the assignments over the mean share, in the
+        most unbalanced layer: 1 is perfect balance) and `dropped_share` (the share of assignments
+        dropped for expert capacity, over all MoE layers)."""
         x, y = batch
         logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)), {}
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        metrics: dict[str, torch.Tensor] = {}
+        collect = getattr(_unwrapped(model), "aux_loss", None)
+        aux = collect() if callable(collect) else None
+        if aux is not None:
+            loss = loss + aux.float()
+            metrics["aux_loss"] = aux.detach().float()
+        metrics.update(expert_metrics(model))
+        return loss, metrics
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def expert_metrics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`expert_load_max` and `dropped_share` (0-d tensors) from the MoE layers' last forward; {} for
+    a model without MoE layers."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.last_counts is not None]
+    if not layers:
+        return {}
+    load = max(m.last_counts.max().float() / m.last_counts.float().mean().clamp(min=1e-9) for m in layers)
+    routed = sum(int(m.last_counts.sum()) for m in layers)
+    dropped = sum(m.last_dropped for m in layers)
+    return {"expert_load_max": load.detach(), "dropped_share": torch.tensor(dropped / max(routed, 1))}
