@@ -29,3 +29,16 @@ def shakespeare(shared_data) -> Path:
     if not path.is_file():
         pytest.skip("tinyshakespeare is not present")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared machine's spare cores make OpenMP's
+    multi-thread barriers very slow; restored after each test. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` (autouse in tests/generation)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,6 +11,8 @@ from llmkit.config import ModelConfig
 from llmkit.models.decoder import DecoderLM
 from llmkit.training.config import build_train_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 

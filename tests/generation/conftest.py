@@ -67,10 +67,6 @@ def gpt2_tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared machine's spare cores make OpenMP's
-    multi-thread barriers very slow; restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every generation test on one thread (tests/conftest.py's one_thread)."""
     yield
-    torch.set_num_threads(before)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from interop_helpers import (HF_MODELS, STORIES, SWITCHBOARD_MODELS, random_hf_model, random_switchboard_model,
-                             transformers)
+from interop_helpers import (DEEPSEEK_MODELS, HF_MODELS, STORIES, SWITCHBOARD_MODELS, random_deepseek_model,
+                             random_hf_model, random_switchboard_model, transformers)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,21 @@ def switch_models(switch_dirs) -> dict[str, object]:
     """name -> the reference transformers model, reloaded from its saved directory."""
     return {name: transformers.AutoModelForCausalLM.from_pretrained(
         d, attn_implementation=SWITCHBOARD_MODELS[name][1]).eval() for name, d in switch_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def deepseek_dirs(tmp_path_factory) -> dict[str, Path]:
+    """DEEPSEEK_MODELS saved once per session: name -> directory."""
+    root = tmp_path_factory.mktemp("deepseek")
+    out = {}
+    for name in DEEPSEEK_MODELS:
+        random_deepseek_model(name).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepseek_models(deepseek_dirs) -> dict[str, object]:
+    """name -> the reference transformers model, reloaded from its saved directory."""
+    return {name: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+            for name, d in deepseek_dirs.items()}

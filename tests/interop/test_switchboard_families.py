@@ -16,6 +16,8 @@ from llmkit.nn.positions import POSITIONS
 from llmkit.interop.families import (family_of, gemma2_to_llmkit, neox_to_llmkit, qwen2_to_llmkit,
                                      qwen3_to_llmkit)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = sorted(SWITCHBOARD_MODELS)
 TOL = 1e-4
 

@@ -4,18 +4,18 @@ recomputation, trains, and makes every fast path step aside without changing a n
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch
 
-from llmkit import accel
+from accel.accel_helpers import reference
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.blocks import BLOCKS
 from llmkit.nn.attention import soft_cap
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = dict(vocab_size=64, context_length=48, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, mlp="swiglu",
             norm="rmsnorm", position="rope", bias=False)
@@ -33,16 +33,6 @@ VARIANTS = {
                         embedding_scale=math.sqrt(32), sliding_window=6, layer_types=["sliding", "full"],
                         qk_norm="head"),
 }
-
-
-@contextmanager
-def reference() -> Iterator[None]:
-    """Inside the block no fast path is registered: the reference modules run as written."""
-    accel.unregister()
-    try:
-        yield
-    finally:
-        accel.register()
 
 
 def model_of(seed: int = 0, **kw) -> DecoderLM:
@@ -205,3 +195,14 @@ def test_settings_objects_are_completed_with_their_defaults_and_round_trip():
     assert cfg.moe["top_k"] == 2 and cfg.moe["router"] == "softmax"
     again = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items()})
     assert again == cfg
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_cache_bytes_per_token_follow_the_formula(n_kv_heads):
+    """2 (k and v) x layers x KV heads x head_dim x bytes: what the cache holds, what `llmkit info` says."""
+    from llmkit.models.kinds import MODEL_KINDS
+
+    model = model_of(n_kv_heads=n_kv_heads)
+    want = 2 * BASE["n_layers"] * n_kv_heads * (BASE["d_model"] // BASE["n_heads"]) * 4
+    assert model.make_cache(1).bytes_per_token == want
+    assert f"{want:,} bytes per token" in MODEL_KINDS["decoder"].info_lines(model)[0]

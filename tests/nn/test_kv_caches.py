@@ -109,7 +109,9 @@ def test_gemma2_style_alternating_layers_decode_equals_recompute_and_only_full_l
 
 def test_make_cache_picks_the_rolling_cache_only_where_it_saves_memory():
     assert type(model(["sliding", "full"]).make_cache(1, 64)) is RollingKVCache
-    assert type(model(["sliding", "sliding"]).make_cache(1, 64)) is KVCache  # uniform: the native step's
+    assert type(model(["sliding", "sliding"]).make_cache(1, 64)) is KVCache  # uniform, within the context: the native step's
+    assert type(model(["sliding", "sliding"]).make_cache(1, 200)) is RollingKVCache  # past the context: flat memory
+    assert type(model(None).make_cache(1, 200)) is RollingKVCache  # sliding_window alone means every layer slides
     assert type(model(None).make_cache(1, 64)) is KVCache
     assert type(model(["sliding", "full"]).make_cache(1, W + RollingKVCache.SLACK)) is KVCache  # ring >= max_len
     assert type(model(None, window=None).make_cache(1, 64)) is KVCache

@@ -22,15 +22,6 @@ from llmkit.nn.positions import RotaryPositions
 H, NOPE, ROPE, V, KV_RANK, Q_RANK = 4, 8, 4, 6, 8, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (a shared machine's busy cores make OpenMP barriers slow)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mla_config(q_lora_rank: int | None = Q_RANK, **overrides) -> ModelConfig:
     """A tiny decoder with MLA: head_dim = nope + rope, RoPE on the qk_rope_head_dim channels."""
     fields = dict(vocab_size=32, context_length=48, n_layers=2, d_model=32, n_heads=H, head_dim=NOPE + ROPE,

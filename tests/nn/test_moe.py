@@ -47,7 +47,7 @@ def task_loss(model, batch):
 
 # --- against the dense MLP and a per-token loop ---------------------------------------------------
 
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("mlp", ["swiglu", "geglu", "gelu", "gelu_tanh"])
 def test_one_expert_top1_equals_the_dense_mlp(mlp):
     moe = randomized(MoE(moe_config(mlp, n_experts=1, top_k=1), 0)).eval()
     dense = MLPS[mlp](D, FF, bias=False)
@@ -331,7 +331,8 @@ def test_task_loss_adds_the_aux_loss_and_reports_expert_metrics():
     loss, metrics = task_loss(model, (x, y))
     ce = F.cross_entropy(model(x).view(-1, 32), y.reshape(-1))  # the same weights, training mode
     torch.testing.assert_close(loss, ce + model.aux_loss())
-    assert set(metrics) == {"aux_loss", "expert_load_max", "dropped_share"}
+    n = model.cfg.moe["n_experts"]
+    assert set(metrics) == {"aux_loss", "expert_load_max", "dropped_share", *(f"expert_share_{j}" for j in range(n))}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
     assert metrics["expert_load_max"].item() >= 1.0 and 0.0 <= metrics["dropped_share"].item() < 1.0
     model.eval()
@@ -356,3 +357,6 @@ def test_training_logs_expert_metrics_to_metrics_jsonl(tmp_path):
     logged = [r for r in records if r.get("event") == "train"]
     assert logged and all({"aux_loss", "expert_load_max", "dropped_share"} <= r.keys() for r in logged)
     assert all(r["aux_loss"] > 0 and r["expert_load_max"] >= 1.0 for r in logged)
+    for r in logged:  # each expert's share of the assignments: the per-expert token counts, normalised
+        shares = [v for k, v in r.items() if k.startswith("expert_share_")]
+        assert len(shares) == 4 and abs(sum(shares) - 1.0) < 1e-4, r

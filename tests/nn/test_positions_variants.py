@@ -22,16 +22,6 @@ transformers = pytest.importorskip("transformers")
 CTX, ORIGINAL, HEAD_DIM = 64, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (OpenMP barriers on a shared 2-core machine cost
-    whole scheduler slices); restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rope_cfg(scaling=None, rotary_dim=None, **kw) -> ModelConfig:
     base = dict(vocab_size=32, context_length=CTX, n_layers=1, d_model=2 * HEAD_DIM, n_heads=2, position="rope",
                 mlp="swiglu", norm="rmsnorm", bias=False, rope_scaling=scaling, rotary_dim=rotary_dim)

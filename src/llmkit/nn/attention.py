@@ -163,16 +163,17 @@ class Attention(nn.Module):
                    device: torch.device | str) -> KVCache:
         """The KV cache a decoder made of this attention decodes with (keys and values per KV head).
 
-        A `RollingKVCache` where layers of different spans mix (Gemma 2's local and global layers,
-        sparse patterns) and some bounded span is shorter than `max_len`: those layers keep a ring
-        of their window. Where every layer slides by one window (Mistral) it stays `KVCache`, which
-        the native decode step runs with the window applied (it takes no ring); build a
-        `RollingKVCache` directly for flat memory there."""
+        A `RollingKVCache` where some layer's span is bounded (a window, a sparse pattern) and
+        shorter than `max_len`: those layers keep a ring of their span, so memory stays flat as
+        decoding runs on. Exception: where every layer slides by one window (Mistral) and the cache
+        fits the model's context, it stays `KVCache`, which the native decode step runs with the
+        window applied (it takes no ring); past the context (generation at positions beyond it) the
+        ring takes over."""
         from llmkit.nn.kv_cache import RollingKVCache
         from llmkit.nn.masks import key_span
 
         kinds = {cfg.layer_type(i) for i in range(cfg.n_layers)}
-        if kinds != {"sliding"}:
+        if kinds != {"sliding"} or max_len > cfg.context_length:
             for kind in kinds:
                 sinks, window = key_span(kind, cfg)
                 if window is not None and sinks + window + RollingKVCache.SLACK < max_len:

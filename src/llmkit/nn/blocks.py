@@ -63,8 +63,8 @@ def _norm(cfg: ModelConfig) -> nn.Module:
     return build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class _Sublayers(nn.Module):
+    """The parts most blocks have: two norms, attention and the feed-forward network."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -72,6 +72,10 @@ class Block(nn.Module):
         self.attn = ATTENTIONS[cfg.attention](cfg, layer_idx)
         self.norm2 = _norm(cfg)
         self.mlp = build_feedforward(cfg, layer_idx)
+
+
+class Block(_Sublayers):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def forward(self, x: torch.Tensor, rope: Any = None, mask: torch.Tensor | None = None, cache: Any = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,15 +83,8 @@ class Block(nn.Module):
         return seams.sublayer(self.mlp, self.norm2, x)
 
 
-class PostNormBlock(nn.Module):
+class PostNormBlock(_Sublayers):
     """Post-norm block: norm(x + attn(x)), then norm(x + mlp(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.attn = ATTENTIONS[cfg.attention](cfg, layer_idx)
-        self.norm1 = _norm(cfg)
-        self.mlp = build_feedforward(cfg, layer_idx)
-        self.norm2 = _norm(cfg)
 
     def forward(self, x: torch.Tensor, rope: Any = None, mask: torch.Tensor | None = None, cache: Any = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,16 +92,12 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-class SandwichBlock(nn.Module):
+class SandwichBlock(_Sublayers):
     """Gemma 2's block: x + post_attn_norm(attn(norm1(x))), then x + post_mlp_norm(mlp(norm2(x)))."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.norm1 = _norm(cfg)
-        self.attn = ATTENTIONS[cfg.attention](cfg, layer_idx)
+        super().__init__(cfg, layer_idx)
         self.post_attn_norm = _norm(cfg)
-        self.norm2 = _norm(cfg)
-        self.mlp = build_feedforward(cfg, layer_idx)
         self.post_mlp_norm = _norm(cfg)
 
     def forward(self, x: torch.Tensor, rope: Any = None, mask: torch.Tensor | None = None, cache: Any = None,
@@ -113,15 +106,8 @@ class SandwichBlock(nn.Module):
         return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
 
 
-class ParallelBlock(nn.Module):
+class ParallelBlock(_Sublayers):
     """GPT-NeoX's parallel residual: x + attn(norm1(x)) + mlp(norm2(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.norm1 = _norm(cfg)
-        self.attn = ATTENTIONS[cfg.attention](cfg, layer_idx)
-        self.norm2 = _norm(cfg)
-        self.mlp = build_feedforward(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, rope: Any = None, mask: torch.Tensor | None = None, cache: Any = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,9 +28,9 @@ so a model in eval gives the same logits by a full forward as by decoding throug
 `routing` on the module to force one ("top-k" cannot take a cache).
 
 KV cache: the block runs on every new token, writing all of their keys and values, and a per-layer
-validity record on the cache instance (`cache.depth_routing[layer_idx]`, [B, max_len] bool) masks out
+validity record in the cache's per-row state (`cache.rows`, [B, max_len] bool) masks out
 the slots of tokens this layer skipped; the result equals recomputing the sequence with the same
-predictor choices. A beam-search `reorder` is refused (KVCache does not reorder the record).
+predictor choices; a beam-search `reorder` moves the record with the keys.
 """
 from __future__ import annotations
 
@@ -214,19 +214,16 @@ class DepthRouted(nn.Module):
         return x + torch.where(chosen[..., None], update, torch.zeros_like(update))
 
     def _validity(self, cache: Any, batch: int, device: torch.device) -> torch.Tensor:
-        """This layer's [B, max_len] record of which cache slots hold a token it processed."""
-        record = getattr(cache, "depth_routing", None)
-        if record is None:
-            record = cache.depth_routing = {}
-        entry = record.get(self.layer_idx)
-        buffer = getattr(cache, "k", None)
+        """This layer's [B, max_len] record of which cache slots hold a token it processed, kept in
+        the cache's per-row state (`cache.rows`), so a beam-search reorder moves it with the keys."""
+        key = f"depth_routing.{self.layer_idx}"
+        entry = cache.rows.get(key)
         if cache.pos == 0 or entry is None:
             if cache.pos != 0:
                 raise UserError("mod: this KV cache was filled without Mixture-of-Depths routing: "
                                 "decode a mod model from an empty cache (cache.reset())")
-            entry = record[self.layer_idx] = (buffer, torch.zeros(batch, cache.max_len, dtype=torch.bool,
-                                                                  device=device))
-        if entry[0] is not buffer or entry[1].shape[0] != batch:
-            raise UserError("mod: the KV cache was reordered or resized (beam search), which its Mixture-of-Depths "
-                            "record does not follow: decode mod models by greedy search or sampling")
-        return entry[1]
+            entry = cache.rows[key] = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=device)
+        if entry.shape[0] != batch:
+            raise UserError(f"mod: the KV cache holds {entry.shape[0]} rows, this call {batch}: "
+                            "decode with the batch the cache was filled with")
+        return entry

@@ -20,28 +20,22 @@ if TYPE_CHECKING:
     from llmkit.config import ModelConfig
 
 
-class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.pos = 0  # number of positions filled (same for all layers)
-        self.native = None  # (model, key, native step or None), see llmkit.accel.decode_step
+class Cache:
+    """What every decoding cache shares: `pos` (positions filled, the same for all layers), `max_len`,
+    `rows` (per-row state other modules keep beside the keys: [B, ...] tensors such as
+    Mixture-of-Depths' record of the slots each routed layer filled, reordered with the rows),
+    `native` (the native decode step's slot) and the bookkeeping below. Subclasses hold the buffers,
+    `update` them and reorder them in `_reorder`."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, KV, T, d] at positions pos..pos+T; return the whole filled prefix."""
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.pos = 0
+        self.rows: dict[str, torch.Tensor] = {}
+        self.native = None  # (model, key, native step or None), see llmkit.accel.decode_step
 
     def key_positions(self, layer: int, n: int) -> torch.Tensor | None:
         """The absolute position of each key `update` will return for layer `layer` after n new
-        positions, or None when they are simply 0..pos+n-1 (as here)."""
+        positions, or None when they are simply 0..pos+n-1."""
         return None
 
     def advance(self, n: int) -> None:
@@ -56,7 +50,34 @@ class KVCache:
         self.pos = min(self.pos, n)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Reorder the batch rows (beam search keeps the surviving beams)."""
+        """Reorder the batch rows (beam search keeps the surviving beams), with their `rows` state."""
+        self._reorder(index)
+        self.rows = {name: t.index_select(0, index) for name, t in self.rows.items()}
+
+    def _reorder(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class KVCache(Cache):
+    """Keys and values of every layer in one [n_layers, B, KV, max_len, d] buffer each."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__(max_len)
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, KV, T, d] at positions pos..pos+T; return the whole filled prefix."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _reorder(self, index: torch.Tensor) -> None:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
 
@@ -93,7 +114,7 @@ class _Group:
         return [p for p in range(pos, pos + n) if p < self.sinks or p >= max(self.sinks, pos + n - self.ring)]
 
 
-class RollingKVCache:
+class RollingKVCache(Cache):
     """A KV cache whose bounded layers keep only the keys they can still attend to (Mistral's
     rolling buffer, Jiang et al. 2023; attention sinks, Xiao et al. 2023, "Efficient Streaming
     Language Models with Attention Sinks").
@@ -123,9 +144,7 @@ class RollingKVCache:
                  device: torch.device | str, slack: int = SLACK, span_override: dict[str, tuple[int, int]] | None = None):
         from llmkit.nn.masks import key_span
 
-        self.max_len = max_len
-        self.pos = 0
-        self.native = None  # never the native decode step's: it takes exactly KVCache
+        super().__init__(max_len)  # never the native decode step's: it takes exactly KVCache
         spans: dict[tuple[int, int | None, int], list[int]] = {}
         for i in range(cfg.n_layers):
             kind = cfg.layer_type(i)
@@ -193,10 +212,10 @@ class RollingKVCache:
             if g.ring:
                 kept = g.kept(self.pos, n) if not g.in_place(n) else list(range(self.pos, self.pos + n))
                 g.slot_pos[[g.slot(p) for p in kept]] = torch.tensor(kept, device=g.slot_pos.device)
-        self.pos += n
+        super().advance(n)
 
     def reset(self) -> None:
-        self.pos = 0
+        super().reset()
         for g in self.groups:
             g.slot_pos.fill_(-1)
 
@@ -217,8 +236,7 @@ class RollingKVCache:
                 g.slot_pos.masked_fill_(g.slot_pos >= n, -1)
         self.pos = n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Reorder the batch rows (beam search keeps the surviving beams)."""
+    def _reorder(self, index: torch.Tensor) -> None:
         for g in self.groups:
             g.k, g.v = g.k.index_select(1, index), g.v.index_select(1, index)
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from llmkit.errors import UserError
 from llmkit.nn.attention import attend
+from llmkit.nn.kv_cache import Cache
 from llmkit.nn.linear import Linear
 from llmkit.nn.norms import RMSNorm
 from llmkit.nn.positions import apply_rotary
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 LATENT_NORM_EPS = 1e-6
 
 
-class LatentCache:
+class LatentCache(Cache):
     """The decoding cache of multi-head latent attention: per layer and position, the normalised
     latent c (kv_lora_rank channels) followed by the rotated shared rope key (qk_rope_head_dim),
     in one preallocated buffer [n_layers, B, max_len, kv_lora_rank + qk_rope_head_dim]. The same
@@ -56,11 +57,9 @@ class LatentCache:
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
+        super().__init__(max_len)  # no native decoding step covers this cache (llmkit.accel.decode_step)
         self.kv = torch.zeros(n_layers, batch_size, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        self.max_len = max_len
-        self.pos = 0  # number of positions filled (same for all layers)
-        self.native = None  # no native decoding step covers this cache (llmkit.accel.decode_step)
 
     def update(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
         """Store entries [B, T, kv_lora_rank + rope] (latent, then rope key) at positions pos..pos+T
@@ -71,23 +70,7 @@ class LatentCache:
         self.kv[layer, :, self.pos:end] = entries
         return self.kv[layer, :, :end]
 
-    def key_positions(self, layer: int, n: int) -> torch.Tensor | None:
-        """None: the keys `update` returns sit at positions 0..pos+n-1 (see KVCache.key_positions)."""
-        return None
-
-    def advance(self, n: int) -> None:
-        """Called once per forward pass, after every layer has written its n new positions."""
-        self.pos += n
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def crop(self, n: int) -> None:
-        """Forget every position from n on (speculative decoding rolls back rejected drafts)."""
-        self.pos = min(self.pos, n)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Reorder the batch rows (beam search keeps the surviving beams)."""
+    def _reorder(self, index: torch.Tensor) -> None:
         self.kv = self.kv.index_select(1, index)
 
     @property

@@ -31,9 +31,16 @@ class GeluTanhMLP(GeluMLP):
     approximate = "tanh"
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (GPT-2's "gelu_new", Gemma's "gelu_pytorch_tanh")."""
+    return F.gelu(x, approximate="tanh")
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): a gated linear unit with the SiLU (swish) gate."""
 
+    activation = staticmethod(F.silu)
+
     def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
         super().__init__()
         self.gate = Linear(d_model, d_ff, bias=bias)
@@ -42,23 +49,15 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(self.down(self.activation(self.gate(x)) * self.up(x)))
 
 
-class GeGLU(nn.Module):
+class GeGLU(SwiGLU):
     """down(gelu_tanh(gate(x)) * up(x)): the gated linear unit with a (tanh-approximated) GELU gate
-    (Shazeer 2020), Gemma's MLP ("gelu_pytorch_tanh" in transformers). SwiGLU's parameters, but its
-    own class (not a subclass), so fast paths that implement SwiGLU's arithmetic step aside for it."""
+    (Shazeer 2020), Gemma's MLP. SwiGLU's parameters; fast paths find classes by exact type, so
+    those written for SwiGLU's arithmetic never take it."""
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
-        super().__init__()
-        self.gate = Linear(d_model, d_ff, bias=bias)
-        self.up = Linear(d_model, d_ff, bias=bias)
-        self.down = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x)))
+    activation = staticmethod(gelu_tanh)
 
 
 MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU, "geglu": GeGLU}

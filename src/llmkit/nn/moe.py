@@ -41,19 +41,17 @@ import torch.nn.functional as F
 
 from llmkit.errors import UserError
 from llmkit.nn.linear import Linear
-from llmkit.nn.mlp import MLPS
+from llmkit.nn.mlp import MLPS, GeGLU, SwiGLU, gelu_tanh
 
 if TYPE_CHECKING:
     from llmkit.config import ModelConfig
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# cfg.mlp -> (gated, activation) of each expert: gated experts compute down(act(gate x) * up x)
+# cfg.mlp -> (gated, activation) of each expert, as the dense MLP of that name computes it: gated
+# experts compute down(act(gate x) * up x)
 EXPERT_ACTIVATIONS: dict[str, tuple[bool, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "swiglu": (True, F.silu), "geglu": (True, F.gelu), "gelu": (False, F.gelu), "gelu_tanh": (False, _gelu_tanh),
+    "swiglu": (True, SwiGLU.activation), "geglu": (True, GeGLU.activation), "gelu": (False, F.gelu),
+    "gelu_tanh": (False, gelu_tanh),
 }
 
 

@@ -145,13 +145,21 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+MAX_LOGGED_EXPERTS = 64  # past this many experts only the load summary is logged, not each expert's share
+
+
 def expert_metrics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`expert_load_max` and `dropped_share` (0-d tensors) from the MoE layers' last forward; {} for
-    a model without MoE layers."""
+    """From the MoE layers' last forward, as 0-d tensors: `expert_load_max`, `dropped_share` and,
+    for up to MAX_LOGGED_EXPERTS experts, `expert_share_{j}` (expert j's share of all assignments,
+    over every MoE layer: 1 / n_experts each at perfect balance); {} for a model without MoE layers."""
     layers = [m for m in model.modules() if isinstance(m, MoE) and m.last_counts is not None]
     if not layers:
         return {}
     load = max(m.last_counts.max().float() / m.last_counts.float().mean().clamp(min=1e-9) for m in layers)
-    routed = sum(int(m.last_counts.sum()) for m in layers)
+    counts = torch.stack([m.last_counts.float() for m in layers]).sum(0)
+    routed = counts.sum().clamp(min=1.0)
     dropped = sum(m.last_dropped for m in layers)
-    return {"expert_load_max": load.detach(), "dropped_share": torch.tensor(dropped / max(routed, 1))}
+    out = {"expert_load_max": load.detach(), "dropped_share": (dropped / routed).detach()}
+    if counts.numel() <= MAX_LOGGED_EXPERTS:
+        out.update({f"expert_share_{j}": share for j, share in enumerate((counts / routed).detach().unbind())})
+    return out
