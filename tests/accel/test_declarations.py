@@ -23,7 +23,9 @@ SMALL = dict(vocab_size=64, context_length=32, n_layers=2, d_model=32, n_heads=4
              head_dim=None)
 VARIANTS = [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1), dict(bias=False), dict(qkv_bias=True, bias=False),
             dict(sliding_window=8), dict(dropout=0.1), dict(tie_embeddings=False),
-            dict(rope_scaling={"type": "linear", "factor": 2.0}, position="rope")]
+            dict(rope_scaling={"type": "linear", "factor": 2.0}, position="rope"),
+            dict(qk_norm="head"), dict(attn_softcap=5.0, final_softcap=3.0), dict(block="sandwich"),
+            dict(rotary_dim=4, position="rope"), dict(embedding_scale=2.0, embedding_norm=True)]
 
 
 def configs() -> list[ModelConfig]:

@@ -65,7 +65,9 @@ def attention(attributes: Mapping[str, Callable[[Any], bool] | None] | None = No
     narrows the checks on the module's own attributes (e.g. {"scale": is_none} for a path that
     computes only the default scale); it names no attribute beyond the module's."""
     own = {"layer_idx": ANY, "n_heads": ANY, "n_kv_heads": ANY, "head_dim": ANY, "causal": is_true,
-           "scale": ANY, "softcap": is_none, "qkv": PLAIN_LINEAR, "proj": PLAIN_LINEAR, "dropout": ANY,
+           "scale": ANY, "softcap": is_none, "qkv": PLAIN_LINEAR,
+           # query-key norms (qk_norm): no path implements them, so their presence declines
+           "q_norm": is_none, "k_norm": is_none, "qk_norm_per_head": is_none, "proj": PLAIN_LINEAR, "dropout": ANY,
            "resid_dropout": PLAIN_DROPOUT, "return_weights": is_false, "last_weights": ANY}
     if attributes and not attributes.keys() <= own.keys():
         raise ValueError(f"not attributes of Attention: {sorted(attributes.keys() - own.keys())}")

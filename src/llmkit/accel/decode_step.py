@@ -56,7 +56,8 @@ _CONFIG.update({"attention": lambda v: v == "mha", "embedding_norm": declared.is
 STEP: dict[type, seams.Implements] = {
     DecoderLM: seams.Implements(
         attributes={"cfg": ANY, "tok_emb": _EMBEDDING, "pos": _position_module, "drop": PLAIN_DROPOUT,
-                    "blocks": _layer_list, "norm": ANY, "lm_head": PLAIN_LINEAR, "_decode_layout": ANY},
+                    "blocks": _layer_list, "norm": ANY, "lm_head": PLAIN_LINEAR, "_decode_layout": ANY,
+                    "emb_norm": is_none},  # a norm after the embeddings (Bloom): not in the C step
         config=_CONFIG),
     Block: seams.Implements(attributes={"norm1": ANY, "attn": ANY, "norm2": ANY, "mlp": ANY}, config=_CONFIG),
     # the C step computes the default scale only: `scale` is the module's attribute, not a call input
