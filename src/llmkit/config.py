@@ -36,7 +36,7 @@ FIELD_RULES: dict[str, Rule] = {
     "attn_scale": number(above=0.0, max=1e3, optional=True), "attn_softcap": number(above=0.0, max=1e6, optional=True),
     "final_softcap": number(above=0.0, max=1e6, optional=True),
     "embedding_scale": number(above=0.0, max=1e6, optional=True), "embedding_norm": Rule(bool),
-    "rotary_dim": integer(2, 1024, optional=True),
+    "rotary_dim": integer(2, 1024, optional=True), "attn_gate": Rule(bool),
 }
 # The variants that carry settings of their own are one field holding an object (a dict in
 # config.json and recipes): key -> (rule, default). A key missing from the object takes the default;
@@ -144,6 +144,7 @@ class ModelConfig:
     embedding_scale: float | None = None  # token embeddings times this (Gemma: sqrt(d_model))
     embedding_norm: bool = False  # a norm right after the embeddings (Bloom)
     rotary_dim: int | None = None  # RoPE on the first N channels of each head (GPT-NeoX, Phi); None: all
+    attn_gate: bool = False  # attention output times sigmoid(W_g x), per channel (gated attention, Qwen3-Next)
     moe: dict[str, Any] | None = None  # Mixture-of-Experts feed-forward (SUBCONFIGS["moe"])
     mod: dict[str, Any] | None = None  # Mixture-of-Depths routing (SUBCONFIGS["mod"])
 

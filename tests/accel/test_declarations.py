@@ -25,7 +25,8 @@ VARIANTS = [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1), dict(bias=False), di
             dict(sliding_window=8), dict(dropout=0.1), dict(tie_embeddings=False),
             dict(rope_scaling={"type": "linear", "factor": 2.0}, position="rope"),
             dict(qk_norm="head"), dict(attn_softcap=5.0, final_softcap=3.0), dict(block="sandwich"),
-            dict(rotary_dim=4, position="rope"), dict(embedding_scale=2.0, embedding_norm=True)]
+            dict(rotary_dim=4, position="rope"), dict(embedding_scale=2.0, embedding_norm=True),
+            dict(attn_gate=True)]
 
 
 def configs() -> list[ModelConfig]:

@@ -25,6 +25,7 @@ VARIANTS = {
     "qk-norm-full": dict(qk_norm="full"),
     "soft-caps": dict(attn_softcap=3.0, final_softcap=2.0),
     "attn-scale": dict(attn_scale=0.3),
+    "output-gate": dict(attn_gate=True),
     "embedding-scale-and-norm": dict(embedding_scale=math.sqrt(32), embedding_norm=True),
     "partial-rotary": dict(rotary_dim=4),
     "local-global-layers": dict(sliding_window=6, layer_types=["sliding", "full"]),
@@ -206,3 +207,19 @@ def test_cache_bytes_per_token_follow_the_formula(n_kv_heads):
     want = 2 * BASE["n_layers"] * n_kv_heads * (BASE["d_model"] // BASE["n_heads"]) * 4
     assert model.make_cache(1).bytes_per_token == want
     assert f"{want:,} bytes per token" in MODEL_KINDS["decoder"].info_lines(model)[0]
+
+
+def test_output_gate_scales_each_head_channel_by_a_sigmoid_of_the_input():
+    """With attn_gate, attention = proj(y * sigmoid(W_g x)): a gate of large weights is ~1 (plain
+    attention), of large negative bias ~0 (the sublayer adds nothing)."""
+    gated, plain = model_of(attn_gate=True, bias=True), model_of(bias=True)
+    attn, ref = gated.blocks[0].attn, plain.blocks[0].attn
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            attn.get_parameter(name).copy_(p)
+        x = torch.randn(1, 6, 32)
+        attn.out_gate.weight.zero_()
+        attn.out_gate.bias.fill_(30.0)
+        torch.testing.assert_close(attn(x), ref(x), atol=1e-6, rtol=1e-6)
+        attn.out_gate.bias.fill_(-30.0)
+        torch.testing.assert_close(attn(x), attn.proj.bias.expand(1, 6, 32), atol=1e-6, rtol=1e-6)

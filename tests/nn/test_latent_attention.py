@@ -251,6 +251,7 @@ def test_speculative_decoding_with_latent_caches_equals_target_greedy(untrained)
     (dict(rotary_dim=None), "rotary_dim"),
     (dict(n_kv_heads=2), "n_kv_heads"),
     (dict(qk_norm="head"), "qk_norm"),
+    (dict(attn_gate=True), "attn_gate"),
 ])
 def test_configs_mla_cannot_honour_are_one_user_error_naming_the_field(overrides, field):
     with pytest.raises(UserError, match=field):

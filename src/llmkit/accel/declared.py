@@ -51,11 +51,12 @@ _OUTSIDE_SUBLAYERS = dict.fromkeys(("vocab_size", "context_length", "n_layers", 
 # Fields whose effect reaches a sublayer only through its modules' attributes and inputs, which the
 # declarations below check (sizes, biases, norm kind and eps, dropout, the window's mask).
 # The attention, feed-forward and norm kinds are module classes (a path covers exact classes only);
-# qk_norm, attn_scale, attn_softcap and rotary_dim are attributes of the attention module or the shape
+# qk_norm, attn_scale, attn_softcap, attn_gate and rotary_dim are attributes of the attention module or the shape
 # of its rope input, checked below; layer types and sparse patterns reach it as the mask input.
 _THROUGH_MODULES = dict.fromkeys(("d_model", "n_heads", "n_kv_heads", "head_dim", "mlp", "d_ff", "norm", "norm_eps",
                                   "bias", "qkv_bias", "dropout", "sliding_window", "attention", "mla", "moe",
-                                  "qk_norm", "attn_scale", "attn_softcap", "rotary_dim", "layer_types", "sparse"), ANY)
+                                  "qk_norm", "attn_scale", "attn_softcap", "rotary_dim", "attn_gate", "layer_types",
+                                  "sparse"), ANY)
 SUBLAYER_CONFIG = {**_OUTSIDE_SUBLAYERS, **_THROUGH_MODULES}
 
 
@@ -65,9 +66,10 @@ def attention(attributes: Mapping[str, Callable[[Any], bool] | None] | None = No
     narrows the checks on the module's own attributes (e.g. {"scale": is_none} for a path that
     computes only the default scale); it names no attribute beyond the module's."""
     own = {"layer_idx": ANY, "n_heads": ANY, "n_kv_heads": ANY, "head_dim": ANY, "causal": is_true,
-           "scale": ANY, "softcap": is_none, "qkv": PLAIN_LINEAR,
-           # query-key norms (qk_norm): no path implements them, so their presence declines
-           "q_norm": is_none, "k_norm": is_none, "qk_norm_per_head": is_none, "proj": PLAIN_LINEAR, "dropout": ANY,
+           "scale": ANY, "softcap": is_none, "qkv": PLAIN_LINEAR, "proj": PLAIN_LINEAR, "dropout": ANY,
+           # query-key norms (qk_norm) and output gating (attn_gate): no path implements them, so
+           # their presence declines
+           "q_norm": is_none, "k_norm": is_none, "qk_norm_per_head": is_none, "out_gate": is_none,
            "resid_dropout": PLAIN_DROPOUT, "return_weights": is_false, "last_weights": ANY}
     if attributes and not attributes.keys() <= own.keys():
         raise ValueError(f"not attributes of Attention: {sorted(attributes.keys() - own.keys())}")

@@ -50,7 +50,7 @@ _CONFIG = {name: ANY for name in ("vocab_size", "context_length", "n_layers", "d
                                   "head_dim", "mlp", "d_ff", "norm", "norm_eps", "position", "rope_base",
                                   "rope_scaling", "bias", "qkv_bias", "sliding_window", "dropout", "tie_embeddings",
                                   "init_std", "block", "sparse", "attn_scale")}
-_CONFIG.update({"attention": lambda v: v == "mha", "embedding_norm": declared.is_false,
+_CONFIG.update({"attention": lambda v: v == "mha", "embedding_norm": declared.is_false, "attn_gate": declared.is_false,
                 **dict.fromkeys(("mla", "layer_types", "qk_norm", "attn_softcap", "final_softcap", "embedding_scale",
                                  "rotary_dim", "moe", "mod"), is_none)})
 STEP: dict[type, seams.Implements] = {

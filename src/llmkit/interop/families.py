@@ -982,7 +982,7 @@ _LLAMA_SHAPE: tuple[Check, ...] = (
 SWITCHBOARD_DEFAULTS: dict[str, Any] = {
     "attention": "mha", "block": "pre_norm", "qk_norm": None, "attn_scale": None, "attn_softcap": None,
     "final_softcap": None, "embedding_scale": None, "embedding_norm": False, "rotary_dim": None, "moe": None,
-    "mla": None, "mod": None,
+    "mla": None, "mod": None, "attn_gate": False,
 }
 
 

@@ -100,8 +100,10 @@ class Attention(nn.Module):
     """Self-attention with a fused q/k/v projection: causal (decoders) or bidirectional
     (`causal=False`, encoders); RoPE angles, a bool mask, an additive bias (ALiBi) and a KV cache
     come in as inputs. From the config: the score scale (`attn_scale`), logit soft-capping
-    (`attn_softcap`, Gemma 2) and query-key RMSNorm (`qk_norm`: per head as Qwen3, or over all heads
-    as OLMo 2; Henry et al. 2020, Dehghani et al. 2023)."""
+    (`attn_softcap`, Gemma 2), query-key RMSNorm (`qk_norm`: per head as Qwen3, or over all heads
+    as OLMo 2; Henry et al. 2020, Dehghani et al. 2023) and output gating (`attn_gate`: each head's
+    output times sigmoid(W_g x), elementwise; Qiu et al. 2025, "Gated Attention for Large Language
+    Models", as in Qwen3-Next)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool = True):
         super().__init__()
@@ -119,6 +121,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim if per_head else cfg.n_heads * cfg.head_dim, eps=cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim if per_head else cfg.n_kv_heads * cfg.head_dim, eps=cfg.norm_eps)
             self.qk_norm_per_head = per_head
+        if cfg.attn_gate:
+            self.out_gate = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.return_weights = False  # set by interpretability tools: then the eager path runs
         self.last_weights: torch.Tensor | None = None
 
@@ -156,7 +160,10 @@ class Attention(nn.Module):
                             return_weights=self.return_weights)
         if self.return_weights:
             self.last_weights = weights
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if "out_gate" in self._modules:
+            y = y * torch.sigmoid(self.out_gate(x))
+        return self.resid_dropout(self.proj(y))
 
     @staticmethod
     def make_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,

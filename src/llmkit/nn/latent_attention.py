@@ -232,6 +232,8 @@ def _check_config(cfg: ModelConfig) -> None:
     if cfg.n_kv_heads != cfg.n_heads:
         raise UserError(f"config: attention 'mla' shares one latent across all heads, n_kv_heads={cfg.n_kv_heads} "
                         f"has no meaning there: set n_kv_heads to n_heads={cfg.n_heads} (or null)")
+    if cfg.attn_gate:
+        raise UserError("config: attn_gate is not implemented for attention 'mla': set attn_gate to false")
     if cfg.qk_norm is not None:
         raise UserError(f"config: qk_norm={cfg.qk_norm!r} is not implemented for attention 'mla' "
                         "(its latents are normalised already): set qk_norm to null")
