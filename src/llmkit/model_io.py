@@ -129,6 +129,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
+def fp32_state_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the tensors a module keeps in fp32 whatever the model's dtype (its class's
+    `keep_fp32`, e.g. MoE's selection bias): loaders read these in fp32 instead of casting them."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in getattr(module, "keep_fp32", ())}
+
+
 def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
                    assign: bool = False) -> None:
     """Load `state` into `model`, refusing missing, extra or mis-shaped tensors with a clear error."""
@@ -143,7 +150,7 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
         if t.shape != expected[name].shape:
             raise UserError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config implies "
                             f"{tuple(expected[name].shape)}: the weights and config come from different models")
-    state = _one_float_dtype(state, expected, source)
+    state = _one_float_dtype(state, expected, source, fp32_state_names(model))
     model.load_state_dict(state, strict=False, assign=assign)
     tie_weights(model)
 
@@ -152,10 +159,12 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what llmkit co
 
 
 def _one_float_dtype(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                     source: str | Path) -> dict[str, torch.Tensor]:
+                     source: str | Path, keep_fp32: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Refuse a floating tensor stored as an integer, bool, F64 or F8; a file with one tensor in
-    another precision (an edited file) is computed in the dtype most of its values have."""
-    floats = {n: t for n, t in state.items() if expected[n].is_floating_point()}
+    another precision (an edited file) is computed in the dtype most of its values have, except the
+    `keep_fp32` tensors, which load in fp32."""
+    state = {n: t.float() if n in keep_fp32 and t.is_floating_point() else t for n, t in state.items()}
+    floats = {n: t for n, t in state.items() if expected[n].is_floating_point() and n not in keep_fp32}
     odd = sorted(n for n, t in floats.items() if t.dtype not in WEIGHT_DTYPES)
     if odd:
         raise UserError(f"tensor {odd[0]} in {source} is stored as {str(floats[odd[0]].dtype).removeprefix('torch.')}: "

@@ -217,15 +217,26 @@ def test_export_refuses_what_deepseek_v3_cannot_express(change, why, tmp_path):
         export_hf(model, None, tmp_path, family="deepseek_v3")
 
 
-@pytest.mark.xfail(strict=True, reason="known difference, for the lead: transformers keeps DeepSeek-V3's "
-                   "e_score_correction_bias and gate.weight in fp32 (_keep_in_fp32_modules_strict) in a bf16 model; "
-                   "llmkit's load_hf casts MoE.score_bias with the model, rounding a fp32-stored bias (DeepSeek-V3 "
-                   "ships it as F32) to bf16, which can flip near-tied expert choices")
-def test_bf16_load_keeps_the_selection_bias_in_fp32_as_transformers_does(deepseek_dirs):
+def test_bf16_keeps_the_selection_bias_in_fp32_as_transformers_does(deepseek_dirs, tmp_path):
+    """transformers keeps e_score_correction_bias in fp32 in a bf16 model (rounded, it flips near-tied
+    expert choices): so does llmkit, loading the HF folder, saving and loading its own, exporting."""
+    from llmkit.model_io import load_model, save_model
+
     d = deepseek_dirs["deepseek_v3"]
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="eager")
-    assert ref.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    assert load_hf(d, dtype="bfloat16").blocks[1].mlp.score_bias.dtype == torch.float32
+    ref_bias = ref.model.layers[1].mlp.gate.e_score_correction_bias
+    assert ref_bias.dtype == torch.float32
+    model = load_hf(d, dtype="bfloat16")
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    assert torch.equal(model.blocks[1].mlp.score_bias, ref_bias)  # the stored fp32 values, not rounded
+    save_model(model, tmp_path / "own")
+    again = load_model(tmp_path / "own")
+    assert again.tok_emb.weight.dtype == torch.bfloat16 and torch.equal(again.blocks[1].mlp.score_bias, ref_bias)
+    assert torch.equal(again.half().blocks[1].mlp.score_bias, ref_bias)  # a later cast keeps it too
+    export_hf(model, out_dir=tmp_path / "hf")
+    stored = load_weights(tmp_path / "hf" / "model.safetensors")
+    assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
 
 
 def test_the_multi_token_prediction_layer_is_skipped_as_transformers_skips_it(deepseek_dirs, deepseek_models, tmp_path):

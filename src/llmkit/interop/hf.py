@@ -33,7 +33,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import SAFETENSORS_DTYPES, check_runnable, parse_dtype
 from llmkit.interop.families import TRANSFORMS, Family, Rule, family_for_export, family_of
-from llmkit.model_io import save_weights, state_dict_for_saving
+from llmkit.model_io import fp32_state_names, save_weights, state_dict_for_saving
 from llmkit.models.decoder import DecoderLM
 from llmkit.models.kinds import build_model, kind_of_model, tie_weights
 from llmkit.utils import atomic_write_text
@@ -288,9 +288,10 @@ def _read_parts(rule: Rule, hf_names: list[str], ckpt: Checkpoint, dtype: torch.
 
 
 def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, torch.Size], ckpt: Checkpoint,
-                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """llmkit state dict built from the checkpoint by the family's table, every shape checked
-    before any data is read; strict both ways (a missing or an unused tensor is an error)."""
+    before any data is read; strict both ways (a missing or an unused tensor is an error). The
+    `keep_fp32` tensors are read in fp32 whatever `dtype` is (model_io.fp32_state_names)."""
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for name, shape in expected.items():
@@ -310,8 +311,9 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
                 raise UserError(f"tensor {hf_name} has shape {got} but config.json implies {want}: "
                                 "the weights and config.json come from different models")
             ckpt.dtype(hf_name)  # rejects quantized storage
-        tensor = TRANSFORMS[rule.transform][0](_read_parts(rule, hf_names, ckpt, dtype), cfg)
-        state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+        want = torch.float32 if name in keep_fp32 else dtype
+        tensor = TRANSFORMS[rule.transform][0](_read_parts(rule, hf_names, ckpt, want), cfg)
+        state[name] = tensor if tensor.dtype == want else tensor.to(want)
         used.update(hf_names)
     ignore = [re.compile(p) for p in family.ignore] + ([re.compile("^" + re.escape(family.hf_head) + "$")]
                                                        if cfg.tie_embeddings else [])
@@ -323,8 +325,9 @@ def hf_to_llmkit_state(family: Family, cfg: ModelConfig, expected: dict[str, tor
 
 
 def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.Tensor],
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The same table run backwards: HF tensor name -> tensor, each its own contiguous storage."""
+                       dtype: torch.dtype | None = None, keep_fp32: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The same table run backwards: HF tensor name -> tensor, each its own contiguous storage, cast
+    to `dtype` except the `keep_fp32` tensors (written in fp32, as transformers writes them)."""
     out: dict[str, torch.Tensor] = {}
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in state.items():
@@ -333,7 +336,7 @@ def llmkit_to_hf_state(family: Family, cfg: ModelConfig, state: dict[str, torch.
         rule, layer = _match(family.tensors, name)
         parts = TRANSFORMS[rule.transform][1](tensor.detach(), cfg)
         for hf_name, part in zip(rule.hf_names(layer, cfg), parts):
-            part = part if dtype is None else part.to(dtype)
+            part = part if dtype is None or name in keep_fp32 else part.to(dtype)
             if rule.piece is not None:
                 pieces.setdefault(hf_name, {})[rule.piece[0]] = part
             else:
@@ -412,7 +415,7 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
                             "more than this machine's memory holds: check that it belongs to these weights") from None
         expected = {k: v.shape for k, v in model.state_dict().items()
                     if not (cfg.tie_embeddings and k == HEAD)}
-        state = hf_to_llmkit_state(family, cfg, expected, ckpt, target)
+        state = hf_to_llmkit_state(family, cfg, expected, ckpt, target, fp32_state_names(model))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - {HEAD}:  # a gap in the family's table: our bug
         raise RuntimeError(f"conversion table incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -460,7 +463,7 @@ def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", famil
     stored = wanted or model.tok_emb.weight.dtype
     config: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type,
                               **fam.from_llmkit(cfg), "dtype": _TORCH_DTYPE_NAMES.get(stored, "float32")}
-    tensors = llmkit_to_hf_state(fam, cfg, state_dict_for_saving(model), wanted)
+    tensors = llmkit_to_hf_state(fam, cfg, state_dict_for_saving(model), wanted, fp32_state_names(model))
     if tokenizer is not None:
         config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                                          ("pad_token_id", tokenizer.pad_id)) if v is not None})

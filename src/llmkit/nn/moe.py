@@ -180,6 +180,20 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_dropped: int = 0
 
+    # Kept in fp32 whatever the model is cast to, as transformers keeps DeepSeek-V3's
+    # e_score_correction_bias: rounded to bf16 it flips near-tied expert choices.
+    keep_fp32 = ("score_bias",)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module casts and moves (`.to`, `.half()`, ...) move `keep_fp32` buffers without casting them."""
+        kept = {name: self._buffers[name] for name in self.keep_fp32 if self._buffers.get(name) is not None}
+        out = super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:  # fn cast it: take the original's values to fn's device instead
+                self._buffers[name] = original.to(device=moved.device)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
