@@ -10,22 +10,30 @@ from interop_helpers import (DEEPSEEK_MODELS, HF_MODELS, STORIES, SWITCHBOARD_MO
                              random_hf_model, random_switchboard_model, transformers)
 
 
+def save_each(root: Path, names, make) -> dict[str, Path]:
+    """name -> directory holding `make(name)` saved by transformers (config.json + model.safetensors)."""
+    for name in names:
+        make(name).save_pretrained(root / name, safe_serialization=True)
+    return {name: root / name for name in names}
+
+
+def reload_each(dirs: dict[str, Path], attention) -> dict[str, object]:
+    """name -> the reference transformers model, reloaded from its saved directory; `attention(name)`
+    is its attn_implementation."""
+    return {name: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation=attention(name)).eval()
+            for name, d in dirs.items()}
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """name -> directory holding the saved random model (config.json + model.safetensors)."""
-    root = tmp_path_factory.mktemp("hf")
-    out = {}
-    for name in HF_MODELS:
-        random_hf_model(name).save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_each(tmp_path_factory.mktemp("hf"), HF_MODELS, random_hf_model)
 
 
 @pytest.fixture(scope="session")
 def hf_models(hf_dirs) -> dict[str, object]:
     """name -> the reference transformers model, reloaded from its saved directory."""
-    return {name: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
-            for name, d in hf_dirs.items()}
+    return reload_each(hf_dirs, lambda name: "sdpa")
 
 
 @pytest.fixture(scope="session")
@@ -46,34 +54,22 @@ def stories() -> Path:
 @pytest.fixture(scope="session")
 def switch_dirs(tmp_path_factory) -> dict[str, Path]:
     """SWITCHBOARD_MODELS saved once per session: name -> directory."""
-    root = tmp_path_factory.mktemp("switchboard")
-    out = {}
-    for name in SWITCHBOARD_MODELS:
-        random_switchboard_model(name).save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_each(tmp_path_factory.mktemp("switchboard"), SWITCHBOARD_MODELS, random_switchboard_model)
 
 
 @pytest.fixture(scope="session")
 def switch_models(switch_dirs) -> dict[str, object]:
     """name -> the reference transformers model, reloaded from its saved directory."""
-    return {name: transformers.AutoModelForCausalLM.from_pretrained(
-        d, attn_implementation=SWITCHBOARD_MODELS[name][1]).eval() for name, d in switch_dirs.items()}
+    return reload_each(switch_dirs, lambda name: SWITCHBOARD_MODELS[name][1])
 
 
 @pytest.fixture(scope="session")
 def deepseek_dirs(tmp_path_factory) -> dict[str, Path]:
     """DEEPSEEK_MODELS saved once per session: name -> directory."""
-    root = tmp_path_factory.mktemp("deepseek")
-    out = {}
-    for name in DEEPSEEK_MODELS:
-        random_deepseek_model(name).save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_each(tmp_path_factory.mktemp("deepseek"), DEEPSEEK_MODELS, random_deepseek_model)
 
 
 @pytest.fixture(scope="session")
 def deepseek_models(deepseek_dirs) -> dict[str, object]:
     """name -> the reference transformers model, reloaded from its saved directory."""
-    return {name: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
-            for name, d in deepseek_dirs.items()}
+    return reload_each(deepseek_dirs, lambda name: "eager")

@@ -164,3 +164,12 @@ def random_deepseek_model(name: str, seed: int = 0):
             if buffer_name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.3)
     return model.eval()
+
+
+def token_ids(n: int, seed: int = 1) -> torch.Tensor:
+    """[2, n] seeded ids in 3..127 (clear of the tiny configs' special ids)."""
+    return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return (ours.float() - ref.float()).abs().max().item()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from interop_helpers import DEEPSEEK_MODELS, random_llmkit_model, transformers
+from interop_helpers import max_diff as _diff, token_ids as _ids
 from llmkit.cli.main import main as cli
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
@@ -24,14 +25,6 @@ TOL = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return (ours.float() - ref.float()).abs().max().item()
 
 
 @pytest.mark.parametrize("name", NAMES)

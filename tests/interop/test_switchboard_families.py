@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from interop_helpers import SWITCHBOARD_MODELS, random_llmkit_model, transformers
+from interop_helpers import max_diff as _diff, token_ids as _ids
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.generation.generate import GenerationConfig, generate_tokens
@@ -20,14 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = sorted(SWITCHBOARD_MODELS)
 TOL = 1e-4
-
-
-def _ids(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return (ours.float() - ref.float()).abs().max().item()
 
 
 @pytest.mark.parametrize("name", NAMES)
