@@ -173,3 +173,14 @@ def token_ids(n: int, seed: int = 1) -> torch.Tensor:
 
 def max_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return (ours.float() - ref.float()).abs().max().item()
+
+
+def greedy_both(model, reference, prompt: torch.Tensor, n: int = 20) -> tuple[list[int], list[int]]:
+    """(llmkit's, transformers') `n` greedy ids after `prompt` [1, T]. No end-of-sequence token
+    (eos_token_id=[]): llmkit's loop, without a tokenizer, neither stops at nor suppresses one."""
+    from llmkit.generation.generate import GenerationConfig, generate_tokens
+
+    ref = reference.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=[],
+                             pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    assert len(ref) == n
+    return list(generate_tokens(model, prompt[0].tolist(), GenerationConfig(max_new_tokens=n, temperature=0))), ref

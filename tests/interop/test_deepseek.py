@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from interop_helpers import DEEPSEEK_MODELS, random_llmkit_model, transformers
-from interop_helpers import max_diff as _diff, token_ids as _ids
+from interop_helpers import greedy_both, max_diff as _diff, token_ids as _ids
 from llmkit.cli.main import main as cli
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
-from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.interop import config_from_hf, export_hf, load_hf
 from llmkit.interop.families import (deepseek_v3_to_llmkit, deinterleave_rows, family_of, interleave_rows,
                                      yarn_mscale)
@@ -41,11 +40,7 @@ def test_logits_match_transformers_within_1e4(name, deepseek_dirs, deepseek_mode
 @pytest.mark.parametrize("name", NAMES)
 def test_20_greedy_tokens_through_the_latent_cache_match_transformers_generate(name, deepseek_dirs, deepseek_models):
     model = load_hf(deepseek_dirs[name])
-    prompt = _ids(5)[:1]
-    ref = deepseek_models[name].generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=[],
-                                         pad_token_id=0)[0, 5:].tolist()
-    assert len(ref) == 20
-    ours = list(generate_tokens(model, prompt[0].tolist(), GenerationConfig(max_new_tokens=20, temperature=0)))
+    ours, ref = greedy_both(model, deepseek_models[name], _ids(5)[:1])
     assert ours == ref
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from interop_helpers import SWITCHBOARD_MODELS, random_llmkit_model, transformers
-from interop_helpers import max_diff as _diff, token_ids as _ids
+from interop_helpers import greedy_both, max_diff as _diff, token_ids as _ids
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
-from llmkit.generation.generate import GenerationConfig, generate_tokens
 from llmkit.interop import config_from_hf, export_hf, load_hf
 from llmkit.nn.positions import POSITIONS
 from llmkit.interop.families import (family_of, gemma2_to_llmkit, neox_to_llmkit, qwen2_to_llmkit,
@@ -39,13 +38,7 @@ def test_20_greedy_tokens_through_the_kv_cache_match_transformers_generate(name,
     # its cache and recomputes everything with the long factors when decoding first crosses that
     # length; llmkit's decoding keeps the cached keys (a generation-level difference, not the model's)
     n = 17 if name == "phi3_longrope" else 5
-    prompt = _ids(n)[:1]
-    # no end-of-sequence token (eos_token_id=[]): llmkit's loop, without a tokenizer, neither stops at
-    # nor suppresses one either
-    ref = switch_models[name].generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=[],
-                                       pad_token_id=0)[0, n:].tolist()
-    assert len(ref) == 20
-    ours = list(generate_tokens(model, prompt[0].tolist(), GenerationConfig(max_new_tokens=20, temperature=0)))
+    ours, ref = greedy_both(model, switch_models[name], _ids(n)[:1])
     assert ours == ref
 
 

@@ -20,9 +20,8 @@ from typing import Sequence
 import torch
 
 from llmkit.errors import UserError
-from llmkit.generation.decode_loop import free_memory, model_device, prefill, step, stop_ids_of
+from llmkit.generation.decode_loop import cache_bytes, free_memory, model_device, prefill, step, stop_ids_of
 from llmkit.generation.sampling import History, build_processors
-from llmkit.nn.blocks import ATTENTIONS
 
 NEG = -1.0e9  # "impossible" score, finite so that sums stay ordered
 
@@ -72,11 +71,8 @@ def beam_memory(model, num_beams: int, cache_len: int) -> int:
     """Bytes beam search allocates for `num_beams` beams: the KV cache of `cache_len` positions (held
     twice over while `reorder` copies it), and the per-step scores over every (beam, token) pair
     (logits, their float log-softmax, the candidate sums: about four [beams, vocab] fp32 arrays)."""
-    cfg = model.cfg
-    element = next(model.parameters()).element_size()
-    per_token = ATTENTIONS[getattr(cfg, "attention", "mha")].cache_bytes_per_token(cfg, element)
-    cache = num_beams * cache_len * per_token
-    return 2 * cache + 4 * num_beams * cfg.vocab_size * 4
+    cache = cache_bytes(model, cache_len, num_beams) or 0
+    return 2 * cache + 4 * num_beams * model.cfg.vocab_size * 4
 
 
 def check_beams(model, num_beams: int, prompt_len: int, max_new_tokens: int) -> None:

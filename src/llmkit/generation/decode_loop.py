@@ -123,7 +123,7 @@ def decode_window(model, prompt_len: int, max_new_tokens: int, context_length: i
     want = prompt_len + max_new_tokens
     if context_length is None and positions_extrapolate(model) and want > limit:
         free = free_memory(model_device(model))
-        need = _cache_bytes(model, want, batch_size)
+        need = cache_bytes(model, want, batch_size)
         if free is not None and need is not None and need > free:
             raise UserError(f"{want} positions (prompt + max_new_tokens) need a {need / 2**30:.1f} GiB KV cache but "
                             f"{free / 2**30:.1f} GiB is free: lower max_new_tokens, or set context_length (a "
@@ -132,7 +132,7 @@ def decode_window(model, prompt_len: int, max_new_tokens: int, context_length: i
     return max(1, min(limit, want))
 
 
-def _cache_bytes(model, positions: int, batch_size: int) -> int | None:
+def cache_bytes(model, positions: int, batch_size: int) -> int | None:
     """Bytes of a KV cache of `positions` for this model (None when its attention does not say)."""
     cfg = model.cfg
     attention = ATTENTIONS.get(getattr(cfg, "attention", None))

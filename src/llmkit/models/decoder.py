@@ -23,6 +23,7 @@ from llmkit.nn.depth_routing import route_depth
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.masks import combine, layer_mask, padding_mask
+from llmkit.nn.moe import MoE
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
 
@@ -121,8 +122,10 @@ class DecoderLM(nn.Module):
         """layer type -> (bool mask or None for plain causal, additive scores bias or None), built once
         per forward for each type the model's layers use."""
         out = {}
-        for kind in dict.fromkeys(self.cfg.layer_type(i) for i in range(self.cfg.n_layers)):
-            first = next(i for i in range(self.cfg.n_layers) if self.cfg.layer_type(i) == kind)
+        for first in range(self.cfg.n_layers):  # the cache lays out every layer of one type alike
+            kind = self.cfg.layer_type(first)
+            if kind in out:
+                continue
             k_pos = cache.key_positions(first, T) if cache is not None else None
             mask = self._mask(kind, T, offset, attention_mask, k_pos, device)
             bias = None
@@ -208,10 +211,9 @@ class DecoderLM(nn.Module):
         t = seq_len or cfg.context_length
         n = self.num_params(exclude_embeddings=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
         for module in self.modules():  # experts a token does not visit do no work for it
-            experts = getattr(module, "experts", None)
-            if cfg.moe is not None and experts is not None and hasattr(module, "router"):
+            if isinstance(module, MoE):
                 share = cfg.moe["top_k"] / cfg.moe["n_experts"]
-                n -= (1 - share) * sum(p.numel() for p in experts.parameters())
+                n -= (1 - share) * sum(p.numel() for p in module.experts.parameters())
         if cfg.attention == "mla":  # scores over nope + rope channels, values of v_head_dim
             qk, v = cfg.mla["qk_nope_head_dim"] + cfg.mla["qk_rope_head_dim"], cfg.mla["v_head_dim"]
         else:

@@ -19,7 +19,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from llmkit.nn import seams
-from llmkit.nn.kv_cache import KVCache
+from llmkit.nn.kv_cache import KVCache, RollingKVCache
+from llmkit.nn.masks import key_span
 from llmkit.nn.linear import Linear
 from llmkit.nn.norms import RMSNorm
 from llmkit.nn.positions import apply_rotary
@@ -176,9 +177,6 @@ class Attention(nn.Module):
         fits the model's context, it stays `KVCache`, which the native decode step runs with the
         window applied (it takes no ring); past the context (generation at positions beyond it) the
         ring takes over."""
-        from llmkit.nn.kv_cache import RollingKVCache
-        from llmkit.nn.masks import key_span
-
         kinds = {cfg.layer_type(i) for i in range(cfg.n_layers)}
         if kinds != {"sliding"} or max_len > cfg.context_length:
             for kind in kinds:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmkit.errors import UserError
+from llmkit.nn.masks import key_span
 
 if TYPE_CHECKING:
     from llmkit.config import ModelConfig
@@ -142,8 +143,6 @@ class RollingKVCache(Cache):
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, slack: int = SLACK, span_override: dict[str, tuple[int, int]] | None = None):
-        from llmkit.nn.masks import key_span
-
         super().__init__(max_len)  # never the native decode step's: it takes exactly KVCache
         spans: dict[tuple[int, int | None, int], list[int]] = {}
         for i in range(cfg.n_layers):
