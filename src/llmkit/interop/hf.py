@@ -171,11 +171,11 @@ def weight_files(directory: Path, config: dict[str, Any]) -> dict[str, Path]:
 class Checkpoint:
     """Tensors of one or many memory-mapped safetensors files, by (fixed-up) HF name, read lazily."""
 
-    def __init__(self, where: dict[str, Path], family: Family):
+    def __init__(self, where: dict[str, Path], family: Family | None = None):
         self._where: dict[str, tuple[Path, str]] = {}
         for name, path in where.items():
             fixed = name
-            for pattern, repl in family.key_fixups:
+            for pattern, repl in (family.key_fixups if family is not None else ()):
                 fixed = re.sub(pattern, repl, fixed)
             self._where[fixed] = (path, name)
         self._handles: dict[Path, Any] = {}
@@ -250,7 +250,7 @@ class Checkpoint:
 
 
 @contextmanager
-def open_checkpoint(directory: Path, family: Family, config: dict[str, Any]) -> Iterator[Checkpoint]:
+def open_checkpoint(directory: Path, family: Family | None, config: dict[str, Any]) -> Iterator[Checkpoint]:
     """The checkpoint transformers would load from `directory` (see `weight_files`)."""
     ckpt = Checkpoint(weight_files(directory, config), family)
     try:
@@ -376,9 +376,78 @@ def _stored_head_differs(ckpt: Checkpoint, emb: str, head: str, dtype: torch.dty
     return not torch.equal(ckpt.get(head).to(dtype), ckpt.get(emb).to(dtype))
 
 
+# --- other model kinds ---------------------------------------------------------------------------
+# Encoders, encoder-decoders and vision models have small tables of their own: a Hugging Face
+# `model_type` -> the module that reads it, with `config_from_hf_dict(config) -> config object` and
+# `load_hf_dir(directory, config, device, dtype) -> model`; an llmkit kind name -> the module that
+# writes it, with `export_hf_dir(model, tokenizer, out_dir, dtype) -> Path`. Imported on first use.
+HF_KIND_READERS: dict[str, str] = {
+    "bert": "llmkit.interop.encoders", "roberta": "llmkit.interop.encoders",
+    "distilbert": "llmkit.interop.encoders", "t5": "llmkit.interop.t5", "longt5": "llmkit.interop.t5",
+    "vit": "llmkit.interop.vision", "clip": "llmkit.interop.vision",
+}
+HF_KIND_WRITERS: dict[str, str] = {"t5": "llmkit.interop.t5", "encoder": "llmkit.interop.encoders"}
+
+
+def _kind_module(table: dict[str, str], key: Any):
+    """The module `table` names for `key`, or None (also when that module is not built yet)."""
+    import importlib
+
+    module = table.get(key) if isinstance(key, str) else None
+    if module is None:
+        return None
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
+def read_tensors(directory: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight files transformers would read from `directory` (`weight_files`),
+    by its stored name, memory-mapped; cast to `dtype` where given (F32/BF16/F16 only)."""
+    with open_checkpoint(directory, None, config) as ckpt:
+        out = {}
+        for name in sorted(ckpt.names()):
+            stored = ckpt.dtype(name)
+            t = ckpt.get(name, mapped=dtype is None or stored == dtype)
+            out[name] = t if dtype is None or stored == dtype else t.to(dtype)
+        return out
+
+
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                 optional: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Load `state` (llmkit names) into `model` strictly: every shape checked first (UserError naming
+    the tensor, so config.json and the weights disagreeing is one line), every parameter and
+    persistent buffer filled except the tied ones and `optional` (names the checkpoint may omit)."""
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
+            raise UserError(f"{source}: tensor for {name} has shape {tuple(t.shape)} but config.json says "
+                            f"{tuple(expected[name].shape)}: the config and the weights do not belong together")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:  # a gap in the kind's table: our bug
+        raise RuntimeError(f"conversion table produced names the model lacks: {unexpected[:5]}")
+    from llmkit.models.kinds import tied_parameters
+
+    tied = set(tied_parameters(model))
+    missing = sorted(n for n in set(expected) - set(state) if n not in tied and n not in optional)
+    if missing:
+        raise UserError(f"{source} lacks the weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+                        "the checkpoint is incomplete or of another architecture")
+    model.load_state_dict(state, strict=False, assign=True)
+    tie_weights(model)
+    return model
+
+
 def config_from_hf(directory: str | Path) -> ModelConfig:
-    """The `ModelConfig` of an HF directory (no weights read)."""
+    """The config object of an HF directory (no weights read): a `ModelConfig` for decoders, the
+    kind's own config class for encoders, T5, ViT and CLIP."""
     config = read_config(Path(directory))
+    reader = _kind_module(HF_KIND_READERS, config.get("model_type"))
+    if reader is not None:
+        return reader.config_from_hf_dict(config)
     return family_of(config).to_llmkit(config)
 
 
@@ -391,6 +460,9 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu",
     if not directory.is_dir():
         raise UserError(f"model directory not found: {directory}: pass a Hugging Face model directory")
     config = read_config(directory)
+    reader = _kind_module(HF_KIND_READERS, config.get("model_type"))
+    if reader is not None:
+        return reader.load_hf_dir(directory, config, device=device, dtype=dtype)
     family = family_of(config)
     cfg = family.to_llmkit(config)
     wanted = parse_dtype(dtype)
@@ -444,8 +516,10 @@ def from_transformers(hf_model: torch.nn.Module) -> DecoderLM:
 
 
 def check_exportable(model: torch.nn.Module) -> None:
-    """UserError unless `model` is a decoder: the family tables describe decoders only."""
+    """UserError unless `model` is a decoder or a kind with a writer (`HF_KIND_WRITERS`)."""
     kind = kind_of_model(model)
+    if kind is not None and _kind_module(HF_KIND_WRITERS, kind.name) is not None:
+        return
     if kind is None or not issubclass(kind.model_class, DecoderLM):
         name = kind.name if kind is not None else type(model).__name__
         raise UserError(f"Hugging Face export covers decoder models only, not {name!r}: "
@@ -455,8 +529,11 @@ def check_exportable(model: torch.nn.Module) -> None:
 def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", family: str | None = None,
               dtype: str | torch.dtype | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face directory of `family` (default: the one
-    whose shape fits; UserError when none does). Decoders only: the families are decoder tables."""
+    whose shape fits; UserError when none does). Other kinds go to their writer (`HF_KIND_WRITERS`)."""
     check_exportable(model)
+    writer = _kind_module(HF_KIND_WRITERS, kind_of_model(model).name)
+    if writer is not None:
+        return writer.export_hf_dir(model, tokenizer, out_dir, dtype)
     cfg = model.cfg
     fam = family_for_export(cfg, family)
     wanted = parse_dtype(dtype)
@@ -476,4 +553,5 @@ def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", famil
     return out
 
 
-__all__ = ["load_hf", "export_hf", "check_exportable", "config_from_hf", "is_hf_dir", "read_config"]
+__all__ = ["HF_KIND_READERS", "HF_KIND_WRITERS", "assign_state", "check_exportable", "config_from_hf", "export_hf",
+           "is_hf_dir", "load_hf", "read_config", "read_tensors"]

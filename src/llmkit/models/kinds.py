@@ -7,17 +7,22 @@ in every verb. A config.json without `architecture` (written before kinds existe
 
 A kind's config class needs `to_dict() -> dict` and a classmethod `from_dict(dict)`; its model
 class is built as `model_class(config)` and keeps the config as `model.cfg`.
+
+Kinds other than the decoder live in their own modules (`KIND_MODULES`), imported the first time
+their name is looked up, so `llmkit --help` and a decoder run import none of them; the module
+registers its kind at import (`register_kind(ModelKind(...))` at its bottom).
 """
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from llmkit.config import ModelConfig
+from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.blocks import ATTENTIONS
@@ -59,9 +64,33 @@ class ModelKind:
     rebuild_buffers: Callable[[nn.Module], None] | None = None
     param_breakdown: Callable[[nn.Module], dict[str, int]] = breakdown_by_child  # `llmkit info`
     info_lines: Callable[[nn.Module], list[str]] = _nothing_more  # extra `llmkit info` lines
+    # named shapes of this kind (`--preset NAME`): name -> config fields, built by `config_class.from_dict`
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}
+# kinds registered by their own module, imported on first lookup: name -> module
+KIND_MODULES: dict[str, str] = {
+    "encoder": "llmkit.models.encoder", "t5": "llmkit.models.t5", "vit": "llmkit.models.vit",
+    "clip": "llmkit.models.clip",
+}
+
+
+def _import_kind(name: str) -> None:
+    """Import the module that registers kind `name`, if it is a lazily registered one that exists."""
+    module = KIND_MODULES.get(name)
+    if module is not None and name not in MODEL_KINDS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a kind not built yet is simply absent; a broken import is a bug
+                raise
+
+
+def load_all_kinds() -> None:
+    """Import every lazily registered kind (for listings: presets, kind names)."""
+    for name in KIND_MODULES:
+        _import_kind(name)
 
 
 def register_kind(kind: ModelKind) -> ModelKind:
@@ -71,11 +100,14 @@ def register_kind(kind: ModelKind) -> ModelKind:
 
 
 def kind_names() -> list[str]:
+    load_all_kinds()
     return sorted(MODEL_KINDS)
 
 
 def get_kind(name: Any, source: str = "config") -> ModelKind:
     """The kind registered as `name`; UserError naming the valid kinds otherwise."""
+    if isinstance(name, str):
+        _import_kind(name)
     if not isinstance(name, str) or name not in MODEL_KINDS:
         raise UserError(f"{source}: unknown architecture {name!r}: valid kinds are {', '.join(kind_names())}; "
                         "fix config.json or use an llmkit version that has this kind")
@@ -115,6 +147,22 @@ def kind_of_model(model: nn.Module) -> ModelKind | None:
 
 
 # --- configs ---------------------------------------------------------------------------------------
+
+def all_presets() -> dict[str, ModelKind]:
+    """Every preset name of every kind -> its kind (the decoder's from llmkit.config.PRESETS)."""
+    load_all_kinds()
+    return {name: kind for kind in MODEL_KINDS.values() for name in kind.presets}
+
+
+def config_from_preset(name: str, **overrides: Any) -> Any:
+    """The config of preset `name`, of whichever kind defines it, with `overrides` applied;
+    UserError naming the presets otherwise."""
+    found = all_presets()
+    if name not in found:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(sorted(found))} (see `llmkit presets`)")
+    kind = found[name]
+    return kind.config_class.from_dict({**kind.presets[name], **overrides})
+
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """What config.json holds: `model_type` "llmkit", the architecture, then the config's fields."""
@@ -181,6 +229,7 @@ def require_text_generation(model: nn.Module) -> None:
     """UserError unless the model's kind generates text (unknown modules are let through)."""
     kind = kind_of_model(model)
     if kind is not None and not kind.generates_text:
+        load_all_kinds()
         raise UserError(f"a {kind.name!r} model does not generate text: generation needs a text-generating kind "
                         f"({', '.join(k.name for k in MODEL_KINDS.values() if k.generates_text)})")
 
@@ -210,9 +259,9 @@ def _decoder_info(model: DecoderLM) -> list[str]:
 register_kind(ModelKind(
     name="decoder", config_class=ModelConfig, model_class=DecoderLM, generates_text=True,
     tied=_decoder_ties, rebuild_buffers=_decoder_buffers, param_breakdown=lambda m: m.param_breakdown(),
-    info_lines=_decoder_info))
+    info_lines=_decoder_info, presets=PRESETS))
 
 
-__all__ = ["MODEL_KINDS", "ModelKind", "build_model", "config_from_dict", "config_to_dict", "finish_loading",
-           "get_kind", "kind_names", "kind_of", "kind_of_config", "kind_of_model", "load_config", "num_params",
+__all__ = ["KIND_MODULES", "MODEL_KINDS", "ModelKind", "all_presets", "build_model", "config_from_preset", "config_from_dict", "config_to_dict", "finish_loading",
+           "get_kind", "kind_names", "kind_of", "kind_of_config", "kind_of_model", "load_all_kinds", "load_config", "num_params",
            "register_kind", "require_text_generation", "save_config", "tie_weights", "tied_parameters"]

@@ -106,11 +106,12 @@ class Attention(nn.Module):
     output times sigmoid(W_g x), elementwise; Qiu et al. 2025, "Gated Attention for Large Language
     Models", as in Qwen3-Next)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool = True):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.causal = causal
+        # None: the config's `causal` (an encoder's config class sets it False); decoders are causal
+        self.causal = getattr(cfg, "causal", True) if causal is None else causal
         self.scale: float | None = cfg.attn_scale  # None: 1 / sqrt(head_dim); T5 uses 1.0
         self.softcap: float | None = cfg.attn_softcap
         self.qkv = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)

@@ -18,6 +18,7 @@ makes resume exact and 2 ranks x batch b equal to 1 rank x batch 2b, without any
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
@@ -25,6 +26,7 @@ from typing import Any, Callable, ClassVar, Protocol, TypeVar
 import torch
 
 from llmkit.config import ModelConfig
+from llmkit.errors import UserError
 from llmkit.objectives.builders import build_model
 
 Batch = Any  # whatever a task's train_batch/eval_batch return and its loss takes: tensors, tuples, dicts
@@ -124,6 +126,38 @@ def move_to(batch: Batch, device: torch.device, non_blocking: bool = False) -> B
 
 
 TASKS: dict[str, type[Task]] = {}  # `TrainConfig.task` name -> Task class
+# tasks registered by their own module, imported on first lookup (`get_task`): name -> module
+TASK_MODULES: dict[str, str] = {
+    "masked-lm": "llmkit.objectives.mlm", "prefix-lm": "llmkit.objectives.prefix_lm",
+    "span-corruption": "llmkit.objectives.span_corruption", "ul2": "llmkit.objectives.ul2",
+    "translation": "llmkit.objectives.translation", "image-classification": "llmkit.objectives.image_classification",
+    "contrastive": "llmkit.objectives.contrastive",
+}
+
+
+def _import_task(name: str) -> None:
+    module = TASK_MODULES.get(name)
+    if module is not None and name not in TASKS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a task not built yet is absent; a broken import is a bug
+                raise
+
+
+def task_names() -> list[str]:
+    """Every task name (lazily registered ones imported to know they exist)."""
+    for name in TASK_MODULES:
+        _import_task(name)
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> type[Task]:
+    """The Task class registered as `name`; UserError naming the tasks otherwise."""
+    _import_task(name)
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join(task_names())}")
+    return TASKS[name]
 
 T = TypeVar("T", bound=type[Task])
 

@@ -20,7 +20,7 @@ from llmkit.utils import read_json_object
 class TrainConfig:
     data: str | None = option(None, "text file or folder of .txt/.md files (or prepared shards) to train on", text(optional=True))
     out: str = option("runs/run", "run directory: model, tokenizer, checkpoints, metrics", text())
-    task: str = option("causal-lm", "training task: objective and data (a key of llmkit.objectives.TASKS: causal-lm)", text())
+    task: str = option("causal-lm", "training task: objective and data (see llmkit.objectives.task_names())", text())
     preset: str = option("baby-gpt", "model preset (see `llmkit presets`)", text())
     model: dict | None = option(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
     n_layers: int | None = option(None, "override the preset's number of layers", integer(1, 4096, optional=True))
@@ -77,10 +77,9 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise UserError("device cuda but no CUDA GPU is visible (this PyTorch build or machine has none): "
                                 "use --device cpu or auto")
-        from llmkit.objectives import TASKS  # here, not at the top: `llmkit --help` imports no torch
+        from llmkit.objectives import get_task  # here, not at the top: `llmkit --help` imports no torch
 
-        if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(sorted(TASKS))}")
+        get_task(self.task)
 
     def model_overrides(self) -> dict[str, Any]:
         out = dict(self.model or {})

@@ -25,7 +25,7 @@ import torch
 
 from llmkit.errors import TrainingDiverged, UserError
 from llmkit.model_io import assign_weights, non_finite, save_model
-from llmkit.objectives import TASKS, Task
+from llmkit.objectives import Task, get_task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.training import distributed as D
 from llmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -186,7 +186,7 @@ def set_up(cfg: TrainConfig) -> Run:
     build model and optimizer and, with --resume, load the checkpoint into them: every check comes
     before a file of an existing run changes, and what a start that fails wrote is removed again."""
     cfg.validate()
-    task = TASKS[cfg.task](cfg)
+    task = get_task(cfg.task)(cfg)
     device, dtype = resolve_device(cfg)
     env = D.init_distributed(device.type)
     if env.enabled and device.type == "cuda":
