@@ -39,20 +39,27 @@ def print_fields() -> None:
         print(f"{f.name:<16} default {f.default!r:<12} {takes}")
 
 
+def _shape(cfg) -> str:
+    """The columns every kind shares (layers, width, heads, kv heads, mlp, norm, position)."""
+    kv = getattr(cfg, "n_kv_heads", None) or getattr(cfg, "n_heads", "-")
+    return (f"{getattr(cfg, 'n_layers', '-'):>6}  {getattr(cfg, 'd_model', '-'):>5}  {getattr(cfg, 'n_heads', '-'):>5}  "
+            f"{kv:>2}  {getattr(cfg, 'mlp', '-'):<10} {getattr(cfg, 'norm', '-'):<10} {getattr(cfg, 'position', '-')}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llmkit.config import PRESETS, ModelConfig
-    from llmkit.models.decoder import DecoderLM
+    from llmkit.models.kinds import MODEL_KINDS, build_model, load_all_kinds, num_params
 
     if args.fields:
         print_fields()
         return 0
-    print(f"{'preset':<12} {'params':>10}  layers  width  heads  kv  mlp        norm       position")
-    for name in PRESETS:
-        cfg = ModelConfig.from_preset(name)
-        with torch.device("meta"):
-            n = DecoderLM(cfg).num_params()
-        print(f"{name:<12} {n / 1e6:>9.2f}M  {cfg.n_layers:>6}  {cfg.d_model:>5}  {cfg.n_heads:>5}  {cfg.n_kv_heads:>2}  "
-              f"{cfg.mlp:<10} {cfg.norm:<10} {cfg.position}")
+    load_all_kinds()
+    print(f"{'preset':<16} {'kind':<8} {'params':>10}  layers  width  heads  kv  mlp        norm       position")
+    for kind in MODEL_KINDS.values():
+        for name in kind.presets:
+            cfg = kind.config_class.from_dict(dict(kind.presets[name]))
+            with torch.device("meta"):
+                n = num_params(build_model(cfg))
+            print(f"{name:<16} {kind.name:<8} {n / 1e6:>9.2f}M  {_shape(cfg)}")
     return 0
