@@ -4,7 +4,7 @@ from llmkit.errors import UserError
 import llmkit.accel  # noqa: F401,E402  (fills the fast-path seams; see llmkit/accel/__init__.py)
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "PRESETS", "UserError", "load", "DecoderLM", "TrainConfig", "train", "generate"]
+__all__ = ["ModelConfig", "PRESETS", "UserError", "load", "DecoderLM", "TrainConfig", "train", "generate", "embed"]
 
 
 def __getattr__(name: str):
@@ -12,6 +12,9 @@ def __getattr__(name: str):
     if name == "load":
         from llmkit.api import load
         return load
+    if name == "embed":
+        from llmkit.api import embed
+        return embed
     if name == "DecoderLM":
         from llmkit.models.decoder import DecoderLM
         return DecoderLM

@@ -133,3 +133,76 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     if check:
         check_vocab(model, tok, path)
     return LanguageModel(model, tok, Path(path))
+
+
+# --- sentence embeddings -------------------------------------------------------------------------
+
+def _special_suffix(tok: Tokenizer) -> list[int]:
+    """The ids the tokenizer's template appends to a single text ([SEP] for BERT, </s> for RoBERTa)."""
+    plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[start + len(plain):]
+    return []
+
+
+def _truncate(rows: list[list[int]], limit: int, suffix: list[int]) -> list[list[int]]:
+    """Rows cut to `limit` ids keeping the template's closing ids, as transformers' truncation does
+    (the text's tokens are cut, the special tokens stay)."""
+    keep = limit - len(suffix)
+    return [r if len(r) <= limit else r[:keep] + suffix for r in rows]
+
+
+def encoder_of(lm: LanguageModel, what: str = "embeddings") -> torch.nn.Module:
+    """The model of `lm` if it is an encoder (llmkit.models.encoder), else a UserError naming its kind."""
+    kind = lm.kind
+    if kind is None or kind.name != "encoder":
+        name = kind.name if kind is not None else type(lm.model).__name__
+        raise UserError(f"{lm.path} holds a {name!r} model: {what} need an encoder (BERT, RoBERTa, DistilBERT or a "
+                        "sentence-transformers model such as all-MiniLM-L6-v2)")
+    return lm.model
+
+
+def embed(model: str | Path | LanguageModel, sentences: str | Sequence[str], batch_size: int = 32,
+          normalize: bool | None = None) -> torch.Tensor:
+    """Sentence embeddings [N, d] of `sentences` with an encoder (a directory or a loaded
+    `LanguageModel`): each text tokenized with its special tokens, cut to the model's
+    `max_seq_length` as sentence-transformers cuts it, pooled as the model's config says (mean over
+    real tokens for all-MiniLM-L6-v2) and made unit length where it says so (`normalize` overrides).
+    Texts are batched by length, longest first (little padding), and returned in the given order."""
+    from llmkit.models.encoder import pool
+
+    lm = model if isinstance(model, LanguageModel) else load(model)
+    encoder = encoder_of(lm)
+    tok = lm.require_tokenizer()
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    if not all(isinstance(s, str) for s in sentences):
+        raise UserError("sentences must be strings: pass a list of str")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    cfg = encoder.cfg
+    normalize = cfg.normalize if normalize is None else bool(normalize)
+    param = next(encoder.parameters())
+    if not sentences:
+        return torch.empty(0, cfg.d_model, dtype=param.dtype, device=param.device)
+    rows = tok.encode_many(list(sentences), add_special_tokens=True)
+    rows = _truncate(rows, cfg.max_seq_length or cfg.max_positions, _special_suffix(tok))
+    pad = tok.pad_id if tok.pad_id is not None else cfg.pad_token_id
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = torch.empty(len(rows), cfg.d_model, dtype=param.dtype, device=param.device)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                width = len(rows[chunk[0]])  # the longest of the chunk: right padding to it
+                ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in chunk], device=param.device)
+                lengths = torch.tensor([len(rows[i]) for i in chunk], device=param.device)
+                mask = (torch.arange(width, device=param.device) < lengths[:, None]).long()
+                hidden = encoder.encode(ids, mask, packed=True)  # padding is never computed
+                out[torch.tensor(chunk, device=param.device)] = pool(hidden, mask, cfg.pooling, normalize)
+    finally:
+        encoder.train(was_training)
+    return out

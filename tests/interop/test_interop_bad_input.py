@@ -29,11 +29,11 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_unsupported_architecture_names_the_supported_families(hf_dirs, tmp_path):
-    d = _copy(hf_dirs["llama"], tmp_path / "bert")
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    d = _copy(hf_dirs["llama"], tmp_path / "xlnet")
+    (d / "config.json").write_text(json.dumps({"model_type": "xlnet", "architectures": ["XLNetLMHeadModel"]}))
     with pytest.raises(UserError) as err:
         load_hf(d)
-    assert "unsupported architecture BertForMaskedLM" in _one_line(err)
+    assert "unsupported architecture XLNetLMHeadModel" in _one_line(err)
     from llmkit.interop.families import FAMILIES, supported
     assert f"families {supported()}" in str(err.value) and all(name in str(err.value) for name in FAMILIES)
 

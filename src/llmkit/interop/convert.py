@@ -19,7 +19,7 @@ from llmkit.interop.families import family_for_export
 from llmkit.interop.hf import check_exportable, export_hf, is_hf_dir, load_hf
 from llmkit.interop.llama2c import load_llama2c
 from llmkit.model_io import check_vocab, load_model, save_model
-from llmkit.models.kinds import num_params
+from llmkit.models.kinds import kind_of_model, num_params
 from llmkit.tokenizers.base import TOKENIZERS, Tokenizer, load_tokenizer
 
 FORMATS = ("llmkit", "hf", "llama2c")
@@ -113,8 +113,16 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
     try:
         written_family = None
         if to == "hf":
-            written_family = family_for_export(model.cfg, family).name
-            export_hf(model, tok, tmp, family=written_family)
+            kind = kind_of_model(model)
+            if kind is not None and kind.name != "decoder":  # encoders, T5, CLIP: the kind's own writer
+                if family is not None:
+                    raise UserError(f"--family chooses among decoder families; a {kind.name!r} model is written "
+                                    "as its own Hugging Face type: drop --family")
+                export_hf(model, tok, tmp)
+                written_family = kind.name
+            else:
+                written_family = family_for_export(model.cfg, family).name
+                export_hf(model, tok, tmp, family=written_family)
         else:
             save_model(model, tmp, tok)
         _swap_in(tmp, out)

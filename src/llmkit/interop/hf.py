@@ -386,7 +386,8 @@ HF_KIND_READERS: dict[str, str] = {
     "distilbert": "llmkit.interop.encoders", "t5": "llmkit.interop.t5", "longt5": "llmkit.interop.t5",
     "vit": "llmkit.interop.vision", "clip": "llmkit.interop.vision",
 }
-HF_KIND_WRITERS: dict[str, str] = {"t5": "llmkit.interop.t5", "encoder": "llmkit.interop.encoders"}
+HF_KIND_WRITERS: dict[str, str] = {"t5": "llmkit.interop.t5", "encoder": "llmkit.interop.encoders",
+                                   "clip": "llmkit.interop.clip_tables"}
 
 
 def _kind_module(table: dict[str, str], key: Any):

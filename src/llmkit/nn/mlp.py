@@ -1,6 +1,6 @@
 """Position-wise feed-forward networks: the GELU MLP (GPT-2; GELU from Hendrycks & Gimpel,
 "Gaussian Error Linear Units", 2016) and SwiGLU (Shazeer, "GLU Variants Improve Transformer",
-2020), as used by LLaMA, and GeGLU (the same paper's GELU-gated unit), as used by Gemma."""
+2020), as used by LLaMA, and GeGLU (the same paper's GELU-gated unit), as used by Gemma; CLIP's quick GELU."""
 from __future__ import annotations
 
 import torch
@@ -60,4 +60,18 @@ class GeGLU(SwiGLU):
     activation = staticmethod(gelu_tanh)
 
 
-MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU, "geglu": GeGLU}
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel 2016) that CLIP uses."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGeluMLP(GeluMLP):
+    """down(quick_gelu(up(x))): CLIP's MLP (GeluMLP's parameters; its own class, so fast paths
+    written for GELU's arithmetic never take it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(quick_gelu(self.up(x))))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU, "geglu": GeGLU,
+                                    "quick_gelu": QuickGeluMLP}
