@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
+from llmkit.models import kinds
 from llmkit.models.decoder import DecoderLM
+from llmkit.objectives import get_task
 from llmkit.training.config import build_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +22,28 @@ def test_recipes_are_shipped():
     assert len(RECIPES) >= 5, RECIPES
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def _kind(recipe: Path, tmp_path: Path) -> str:
+    cfg = build_train_config(recipe, data=str(tmp_path / "text.txt"), out=str(tmp_path / "run"))
+    return kinds.all_presets()[cfg.preset].name
+
+
+DECODER_RECIPES = [r for r in RECIPES if _kind(r, Path("/nonexistent")) == "decoder"]
+OTHER_RECIPES = [r for r in RECIPES if r not in DECODER_RECIPES]
+
+
+@pytest.mark.parametrize("recipe", OTHER_RECIPES, ids=lambda p: p.stem)
+def test_each_recipe_of_another_kind_names_a_task_that_trains_its_preset(recipe, tmp_path):
+    """Encoder, T5, ViT and CLIP recipes: the task exists and takes the preset's kind, and the model
+    with the recipe's overrides builds (their training runs are the tasks' own tests)."""
+    cfg = build_train_config(recipe, data=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    task = get_task(cfg.task)
+    kind = kinds.all_presets()[cfg.preset]
+    assert kind.name in (getattr(task, "architectures", None) or (kind.name,)), (cfg.task, kind.name)
+    model = kinds.build_model(kinds.config_from_preset(cfg.preset, **cfg.model_overrides()))
+    assert kinds.num_params(model) > 0
+
+
+@pytest.mark.parametrize("recipe", DECODER_RECIPES, ids=lambda p: p.stem)
 def test_each_recipe_builds_a_model_that_trains_and_decodes(recipe, tmp_path):
     cfg = build_train_config(recipe, data=str(tmp_path / "text.txt"), out=str(tmp_path / "run"))
     model_cfg = ModelConfig.from_preset(cfg.preset, **{"vocab_size": 67, **cfg.model_overrides(),

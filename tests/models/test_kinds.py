@@ -153,7 +153,8 @@ def test_info_describes_a_registered_kind(toy_kind, tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "architecture     toy" in out and "proj" in out and "toy outputs: 3" in out
-    assert "total                        21" in out and "tokenizer: none" in out
+    # a kind that does not generate text is not told it lacks a tokenizer for generation
+    assert "total                        21" in out and "tokenizer: none" not in out
 
 
 def test_hf_export_of_another_kind_is_refused(toy_kind, tmp_path):

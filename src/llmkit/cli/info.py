@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if lm.tokenizer is not None:
         print(f"tokenizer: {type(lm.tokenizer).__name__}, vocabulary {lm.tokenizer.vocab_size}{_padding(lm)}")
-    elif not errors:
+    elif not errors and (kind is None or kind.generates_text):
         print("tokenizer: none (text generation needs one: copy the tokenizer files into the directory)")
     if kind.generates_text and next(model.parameters()).device.type == "cpu":
         from llmkit import accel

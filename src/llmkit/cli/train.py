@@ -9,8 +9,10 @@ from llmkit.training.config import TrainConfig, build_train_config
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a language model on text",
-                       description="Train a decoder-only LM. Options: defaults < --recipe < flags. "
+    p = sub.add_parser("train", help="train a model (decoder, encoder, T5, ViT, CLIP) with an objective",
+                       description="Train a model of any kind (the preset's) with a task's objective: causal LM by "
+                                   "default; --objective / --task choose masked LM, prefix LM, span corruption, UL2, "
+                                   "translation, image classification or contrastive. Options: defaults < --recipe < flags. "
                                    "Under `torchrun --nproc_per_node N` it trains data-parallel.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="YAML recipe whose keys are the options below (default: none)")

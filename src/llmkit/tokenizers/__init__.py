@@ -12,11 +12,13 @@ from llmkit.tokenizers.chat import (
     render_chat_with_spans,
 )
 from llmkit.tokenizers.hf import HFTokenizer
+from llmkit.tokenizers.clip import CLIPTokenizer
 from llmkit.tokenizers.spm import SentencePieceTokenizer
 from llmkit.tokenizers.train import BUILDERS, DEFAULT_SPECIAL_TOKENS, read_text_file, train_tokenizer
 
 __all__ = [
     "BUILDERS",
+    "CLIPTokenizer",
     "CharTokenizer",
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SPECIAL_TOKENS",
