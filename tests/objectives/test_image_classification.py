@@ -109,7 +109,7 @@ def test_model_config_takes_labels_and_normalisation_from_the_data(digits_task):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(preset="baby-gpt"), "--preset baby-gpt is a decoder preset: image classification trains a ViT: use --preset vit-base or vit-digits or vit-tiny"),
+    (dict(preset="baby-gpt"), "trains vit models, and preset 'baby-gpt' is a decoder: use one of the presets vit-base, vit-digits, vit-tiny"),
     (dict(data=None), "no image data"),
     (dict(model={"position": "rope"}), "position is a decoder field"),
     (dict(context_length=64), "derived"),

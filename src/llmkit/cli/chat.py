@@ -121,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
     lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     model, tok = lm.model.eval(), lm.require_tokenizer()
+    if getattr(model, "is_encoder_decoder", False):  # before the first prompt is printed
+        raise UserError(f"{args.run_dir} is an encoder-decoder (T5) model, which maps a source to a target: "
+                        "use `llmkit generate DIR --prompt SOURCE`; chat needs a decoder model")
     cfg = decoding_settings(args)
     check_template(tok, args.system)
     if cfg.num_beams > 1:

@@ -1,5 +1,6 @@
 """`llmkit generate DIR --prompt ...`: stream a continuation to the terminal (llmkit or Hugging Face
-directory). Every decoding setting is a GenerationConfig field, so the options are declared once."""
+directory); for an encoder-decoder (T5) the prompt is the source and the generated target is
+printed. Every decoding setting is a GenerationConfig field, so the options are declared once."""
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,8 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained model",
                        description="Generate a continuation of a prompt, streamed as it is produced.")
     p.add_argument("run_dir", help="run or model directory (llmkit or Hugging Face)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty = start from BOS / newline)")
+    p.add_argument("--prompt", default="", help="text to continue; for a T5 model the source text (default: empty = "
+                   "start from BOS / newline)")
     add_decoding_options(p)
     p.set_defaults(func=run)
 
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     pieces = stream(lm.model.eval(), tok, prompt, cfg, draft=draft)
     first = next(pieces, "")  # the prompt's checks (vocabulary, context, beams) run before anything is printed
     out = sys.stdout
-    out.write(args.prompt + first)
+    # a decoder continues the prompt (echoed first); an encoder-decoder (T5) prints its target only
+    out.write(("" if getattr(lm.model, "is_encoder_decoder", False) else args.prompt) + first)
     for piece in pieces:
         out.write(piece)
         out.flush()

@@ -2,7 +2,8 @@
 
 `generate_tokens` picks a strategy (sampling / greedy, beam search, speculative) from the settings;
 `generate_batch` decodes several prompts at once with left padding; `stream` / `generate` work on
-text and honour stop strings.
+text and honour stop strings. An encoder-decoder model (T5) takes `llmkit.generation.seq2seq`'s path
+from each of them: the prompt is the source, the output the generated target.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from llmkit.generation.decode_loop import (check_ids, check_model, check_prompt,
                                           decode_window, make_generator, model_device, positions_extrapolate,
                                           prefill, prepare, step, stop_ids_of)
 from llmkit.generation.sampling import History, build_processors
+from llmkit.generation.seq2seq import generate_seq2seq, is_seq2seq, seq2seq_tokens, source_ids_of
 from llmkit.generation.speculative import speculative_tokens
 from llmkit.generation.streaming import TextStreamer, cut_at_stop
 from llmkit.nn.kv_cache import sink_cache
@@ -155,6 +157,9 @@ def generate_tokens(model, prompt_ids: Sequence[int], cfg: GenerationConfig | No
     """Yield new token ids one by one (a stop token is yielded, then the iterator ends).
     `draft`: a small model with the same vocabulary -> speculative decoding."""
     cfg = cfg or GenerationConfig()
+    if is_seq2seq(model):
+        yield from seq2seq_tokens(model, prompt_ids, cfg, eos_id, draft)
+        return
     cfg.validate()
     for m in (model, draft):
         if m is not None:
@@ -197,6 +202,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
     window (`decode_window`: the context, or past it where the positions go on).
     """
     cfg = cfg or GenerationConfig()
+    if is_seq2seq(model):
+        return generate_seq2seq(model, prompts, cfg, eos_id, pad_id)
     cfg.validate()
     if cfg.attention_sinks is not None:
         raise UserError("attention_sinks streams one sequence at a time: generate the prompts one by one")
@@ -264,6 +271,9 @@ def stream(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None, d
     """Yield text pieces as tokens arrive; stops at EOS, a stop token or a stop string (which is not
     yielded). A piece never ends inside a multi-byte character."""
     cfg = _with_overrides(cfg, overrides)
+    if is_seq2seq(model):  # the prompt is the source; the target is new text, not a continuation
+        source = source_ids_of(tokenizer, prompt, _eos_of(model, tokenizer))
+        return _stream_tokens(model, tokenizer, source, cfg, draft, context=[])
     return stream_ids(model, tokenizer, prompt_ids_of(tokenizer, prompt), cfg, draft)
 
 
@@ -277,10 +287,20 @@ def for_text(model, tokenizer, cfg: GenerationConfig) -> GenerationConfig:
 
 def stream_ids(model, tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig, draft=None) -> Iterator[str]:
     """`stream` for a prompt already tokenized (chat templates render to ids)."""
+    if is_seq2seq(model):
+        raise UserError("an encoder-decoder (T5) model writes a target for a source text; it does not continue "
+                        "a prompt or a chat: use `llmkit generate MODEL --prompt SOURCE` (or llmkit.generate)")
+    return _stream_tokens(model, tokenizer, prompt_ids, cfg, draft, context=list(prompt_ids)[-4:])
+
+
+def _stream_tokens(model, tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig, draft,
+                   context: list[int]) -> Iterator[str]:
+    """Text pieces of the tokens `generate_tokens` yields; `context`: ids the text continues."""
     cfg = for_text(model, tokenizer, cfg)
-    streamer = TextStreamer(tokenizer, cfg.stop, context=list(prompt_ids)[-4:])
-    stop_ids = stop_ids_of(cfg, tokenizer.eos_id)
-    for token in generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, draft=draft):
+    streamer = TextStreamer(tokenizer, cfg.stop, context=context)
+    eos = _eos_of(model, tokenizer)
+    stop_ids = stop_ids_of(cfg, eos)
+    for token in generate_tokens(model, prompt_ids, cfg, eos_id=eos, draft=draft):
         if token in stop_ids:
             break
         piece = streamer.put(token)
@@ -303,9 +323,21 @@ def generate_many(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfi
     """Continuations of several prompts decoded as one left-padded batch, cut at stop strings."""
     cfg = for_text(model, tokenizer, _with_overrides(cfg, overrides))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    rows = generate_batch(model, [prompt_ids_of(tokenizer, p) for p in prompts], cfg, tokenizer.eos_id, pad)
-    stop_ids = stop_ids_of(cfg, tokenizer.eos_id)
+    eos = _eos_of(model, tokenizer)
+    if is_seq2seq(model):
+        ids = [source_ids_of(tokenizer, p, eos) for p in prompts]
+    else:
+        ids = [prompt_ids_of(tokenizer, p) for p in prompts]
+    rows = generate_batch(model, ids, cfg, eos, pad)
+    stop_ids = stop_ids_of(cfg, eos)
     return [cut_at_stop(tokenizer.decode([t for t in row if t not in stop_ids]), cfg.stop) for row in rows]
+
+
+def _eos_of(model, tokenizer) -> int | None:
+    """The id that ends the output: the tokenizer's EOS (an encoder-decoder without one: the model's)."""
+    if tokenizer.eos_id is None and is_seq2seq(model):
+        return model.cfg.eos_token_id
+    return tokenizer.eos_id
 
 
 def _with_overrides(cfg: GenerationConfig | None, overrides: dict) -> GenerationConfig:

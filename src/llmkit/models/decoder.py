@@ -22,7 +22,7 @@ from llmkit.nn.blocks import ATTENTIONS, BLOCKS, Block
 from llmkit.nn.depth_routing import route_depth
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
-from llmkit.nn.masks import combine, layer_mask, padding_mask
+from llmkit.nn.masks import causal, combine, layer_mask, padding_mask, prefix_lm
 from llmkit.nn.moe import MoE
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
@@ -66,7 +66,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, vocab].
 
         cache: continue from `cache.pos` (incremental decoding); advanced by T afterwards.
@@ -74,10 +75,14 @@ class DecoderLM(nn.Module):
         position_ids: [B, T]; default offset..offset+T-1 (left-padded batches pass their own).
         logits_to_keep: > 0 computes logits for the last N positions only ([B, N, vocab]): decoding
         needs just the last one, and the LM head is a large share of a long prompt's prefill.
+        prefix_lengths: [B] a prefix LM (Raffel et al. 2020, T5; Dong et al. 2019, UniLM): row b's
+        first `prefix_lengths[b]` positions attend to each other in both directions, the rest as the
+        layer would (causally); None is a plain decoder.
         """
         B, T = idx.shape
         offset = cache.pos if cache is not None else 0
-        if T == 1 and cache is not None and attention_mask is None and position_ids is None:
+        if (T == 1 and cache is not None and attention_mask is None and position_ids is None
+                and prefix_lengths is None):
             path = DECODE_STEPS.get(type(self))  # one new token: a fast path may run the whole model
             if path is not None and path.accepts(self):
                 logits = path.run(self, idx, cache)
@@ -95,7 +100,7 @@ class DecoderLM(nn.Module):
         elif self.pos.rotary:
             rope = self.pos(position_ids, max_pos)
         x = self.drop(x)
-        inputs = self._layer_inputs(T, offset, attention_mask, cache, idx.device)
+        inputs = self._layer_inputs(T, offset, attention_mask, cache, idx.device, prefix_lengths)
         for i, block in enumerate(self.blocks):
             mask, bias = inputs[self.cfg.layer_type(i)]
             x = block(x, rope, mask, cache, bias)
@@ -118,7 +123,8 @@ class DecoderLM(nn.Module):
         return x
 
     def _layer_inputs(self, T: int, offset: int, attention_mask: torch.Tensor | None, cache,
-                      device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+                      device: torch.device, prefix_lengths: torch.Tensor | None = None,
+                      ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """layer type -> (bool mask or None for plain causal, additive scores bias or None), built once
         per forward for each type the model's layers use."""
         out = {}
@@ -127,7 +133,7 @@ class DecoderLM(nn.Module):
             if kind in out:
                 continue
             k_pos = cache.key_positions(first, T) if cache is not None else None
-            mask = self._mask(kind, T, offset, attention_mask, k_pos, device)
+            mask = self._mask(kind, T, offset, attention_mask, k_pos, device, prefix_lengths)
             bias = None
             if self.pos.biased:
                 q_pos = torch.arange(offset, offset + T, device=device)
@@ -136,13 +142,16 @@ class DecoderLM(nn.Module):
         return out
 
     def _mask(self, kind: str, T: int, offset: int, attention_mask: torch.Tensor | None,
-              k_pos: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """None (plain causal, the fused fast path) unless a cache offset, window, pattern or padding
-        needs more. k_pos: the absolute position of each key the layer sees (None: 0..offset+T-1)."""
+              k_pos: torch.Tensor | None, device: torch.device,
+              prefix_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+        """None (plain causal, the fused fast path) unless a cache offset, window, pattern, padding
+        or prefix needs more. k_pos: the absolute position of each key the layer sees (None:
+        0..offset+T-1). A prefix adds, to the layer's own pattern, the keys later in the prefix
+        that a prefix query may see ([B, 1, T, S] then)."""
         window = self.cfg.sliding_window if kind == "sliding" else None
         needs_window = window is not None and offset + T > window
         if (kind != "sparse" and attention_mask is None and not needs_window and k_pos is None
-                and (offset == 0 or T == 1)):
+                and (offset == 0 or T == 1) and prefix_lengths is None):
             return None
         q_pos = torch.arange(offset, offset + T, device=device)
         pad = None
@@ -151,6 +160,9 @@ class DecoderLM(nn.Module):
         if k_pos is None:
             k_pos = torch.arange(offset + T, device=device)
         allowed = layer_mask(kind, q_pos, k_pos, self.cfg)
+        if prefix_lengths is not None:  # the prefix's bidirectional part: keys ahead of the query, in the prefix
+            ahead_in_prefix = prefix_lm(q_pos, k_pos, prefix_lengths) & ~causal(q_pos, k_pos)
+            allowed = (allowed[None] | ahead_in_prefix)[:, None]  # [B, 1, T, S]
         mask = combine(allowed, pad)
         if pad is not None:
             # a fully padded query row (left padding) would softmax over nothing -> NaN; let it see itself

@@ -285,11 +285,21 @@ class Encoder(nn.Module):
         return self.nsp_head(pooled)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None,
+                with_nsp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The head's output: masked-LM logits [B, T, vocab], sequence-classification logits
         [B, num_labels] (pooled, dropout, classifier), token-classification logits [B, T, num_labels],
-        or the hidden states [B, T, d_model] for head "none"."""
+        or the hidden states [B, T, d_model] for head "none". `with_nsp` (a model with an NSP head):
+        (that output, next-sentence logits [B, 2]) from one encoding, in one forward call (so a
+        data-parallel wrapper sees the whole computation)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        if with_nsp:
+            if not self.cfg.nsp:
+                raise ValueError("with_nsp=True needs a model built with nsp=True")
+            return self._head(hidden), self.nsp_logits(self.pooled(hidden))
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.cfg.head
         if head == "masked-lm":
             return self.head(hidden)

@@ -56,6 +56,8 @@ def check_batch_fits(model_cfg: Any, batch_size: int) -> None:
 class CausalLMTask(Task):
     """Next-token prediction on windows of the run's token stream."""
 
+    architectures = ("decoder",)
+
     tokenizer: Tokenizer
     tokens: TokenArray
     train_data: WindowSampler
@@ -67,6 +69,7 @@ class CausalLMTask(Task):
         size, known once the tokenizer is, is the only part of the model config left open)."""
         if cfg.data is None and not cfg.resume:
             raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
+        self.check_architecture(cfg.preset)
         check_batch_fits(build_model_config(cfg, cfg.vocab_size), cfg.batch_size)
         super().__init__(cfg)
         self._loaded = False

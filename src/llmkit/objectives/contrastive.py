@@ -72,6 +72,7 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 class ContrastiveTask(Task):
     """CLIP's image-caption objective on captioned digits (see the module docstring)."""
 
+    architectures = ("clip",)
     tokenizer: Tokenizer
     model_config: CLIPConfig
 

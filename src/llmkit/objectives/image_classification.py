@@ -59,6 +59,8 @@ def preset_config(cfg: TaskOptions, **fields: Any) -> ViTConfig:
 class ImageClassificationTask(Task):
     """Cross entropy of a ViT's logits against the image labels."""
 
+    architectures = ("vit",)
+    options = ("augment",)
     train_data: ImageSet
     test_data: ImageSet
     model_config: ViTConfig

@@ -7,7 +7,8 @@ module with a `Task` subclass and a `@register_task("name")` line; `TrainConfig.
 
 Life cycle, as the loop drives it:
 
-1. `Task(cfg)`: check the options (fail before anything is touched);
+1. `Task(cfg)`: check the options (fail before anything is touched), among them the preset: a task
+   declares the model kinds it trains (`architectures`, e.g. ("encoder",)) and refuses others;
 2. `prepare(run_dir)`: rank 0 only, first: write the files the data needs (tokenizer, caches);
 3. `setup(run_dir)`: every rank, after `prepare` finished: load them, fix `model_config`;
 4. `build_model(device)`, then per optimizer step and micro-step `train_batch(...)` -> `to_device`
@@ -27,7 +28,7 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
-from llmkit.objectives.builders import build_model
+from llmkit.objectives.builders import build_model, refuse_unfit_preset
 
 Batch = Any  # whatever a task's train_batch/eval_batch return and its loss takes: tensors, tuples, dicts
 
@@ -50,10 +51,34 @@ class Task(ABC):
     """A training objective: its data set-up, its batches and its loss (see the module docstring)."""
 
     name: ClassVar[str] = ""  # the registry key, set by @register_task
+    # the model kinds (`llmkit.models.kinds` names) this task trains; None: not declared, any preset
+    architectures: ClassVar[tuple[str, ...] | None] = None
+    # the objective-specific options (TrainConfig fields, e.g. "mask_rate") this task reads: another
+    # task's option given with a value other than its default is refused (TrainConfig.validate)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskOptions) -> None:
-        """Keep the options; a subclass raises `UserError` here for options it cannot train with."""
+        """Keep the options, refusing a preset of a model kind the task cannot train; a subclass
+        raises `UserError` here for other options it cannot train with."""
+        self.check_architecture(cfg.preset)
         self.cfg = cfg
+
+    @classmethod
+    def check_settings(cls, cfg: TaskOptions) -> None:
+        """UserError for an objective setting this task cannot parse (TrainConfig.validate calls it,
+        so a Python caller hears of it as a flag would); nothing by default."""
+
+    @classmethod
+    def fits(cls, kind: str) -> bool:
+        """Whether this task trains models of kind `kind` (an undeclared task takes any)."""
+        return cls.architectures is None or kind in cls.architectures
+
+    @classmethod
+    def check_architecture(cls, preset: str) -> None:
+        """UserError (one line, naming the presets that fit) when `preset` is of a kind this task
+        does not train; nothing for a task that declares no `architectures`."""
+        if cls.architectures is not None:
+            refuse_unfit_preset(preset, cls.architectures, f"task {cls.name!r}")
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -108,6 +133,12 @@ class Task(ABC):
         """(mean loss over the batch as a 0-d tensor to backpropagate, extra metrics as 0-d tensors).
         Runs under the loop's autocast; the loop averages the metrics like the loss and logs them
         (`name` in train lines, `val_name` in eval lines)."""
+
+    def final_evaluation(self, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """After training, on rank 0, with the saved model in `run_dir`: the task's end-of-run scores
+        (translation: BLEU on the test split), logged as a `final` event in metrics.jsonl and printed.
+        Default: none."""
+        return {}
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
         """Training FLOPs per token of `model` on this task's examples (for MFU)."""

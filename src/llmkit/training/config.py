@@ -1,5 +1,9 @@
 """`TrainConfig`: every option of a training run. The CLI flags and YAML recipe keys are generated
-from these fields, so an option is declared once. Precedence: defaults < recipe < flags."""
+from these fields, so an option is declared once. Precedence: defaults < recipe < flags.
+
+`--objective` (clm, mlm, prefix-lm, span, ul2) is a short name for a pre-training task: it sets
+`task`, and a `--task` naming another task with it is refused; an objective or task whose model kind
+is not the preset's is refused in one line naming what fits (`check_objective_fits`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,12 +19,22 @@ from llmkit.options import (COUNT, NONNEGATIVE, SEED, VOCAB_SIZE, check_fields, 
                             text)
 from llmkit.utils import read_json_object
 
+# `--objective` names -> the training task each one is (`llmkit.objectives.task_names()`)
+OBJECTIVES: dict[str, str] = {"clm": "causal-lm", "mlm": "masked-lm", "prefix-lm": "prefix-lm",
+                              "span": "span-corruption", "ul2": "ul2"}
+# options read by some objectives only (each task lists those it reads in `Task.options`)
+OBJECTIVE_OPTIONS = ("mask_rate", "whole_word_masking", "nsp", "noise_density", "mean_span_length", "ul2_mixture",
+                     "augment", "source_lang", "target_lang")
+
 
 @dataclass
 class TrainConfig:
     data: str | None = option(None, "text file or folder of .txt/.md files (or prepared shards) to train on", text(optional=True))
     out: str = option("runs/run", "run directory: model, tokenizer, checkpoints, metrics", text())
     task: str = option("causal-lm", "training task: objective and data (see llmkit.objectives.task_names())", text())
+    objective: str | None = option(None, "pre-training objective, sets --task: clm (causal-lm), mlm (masked-lm, "
+                                         "encoder presets), prefix-lm (decoder presets), span (span-corruption, T5 "
+                                         "presets), ul2 (T5 presets)", one_of(*OBJECTIVES, optional=True))
     preset: str = option("baby-gpt", "model preset (see `llmkit presets`)", text())
     model: dict | None = option(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
     n_layers: int | None = option(None, "override the preset's number of layers", integer(1, 4096, optional=True))
@@ -59,6 +73,18 @@ class TrainConfig:
     force: bool = option(False, "start a new run in --out even though it holds a model, tokenizer or run "
                                 "(which it replaces)", flag())
     progress: bool = option(True, "show a progress bar", flag())
+    # objective settings (each refused for a task that does not read it)
+    mask_rate: float = option(0.15, "mlm: share of the tokens selected for prediction", number(above=0.0, below=1.0))
+    whole_word_masking: bool = option(False, "mlm: select all sub-tokens of a word together", flag())
+    nsp: bool = option(False, "mlm: add next-sentence prediction (sentence pairs, an NSP head)", flag())
+    noise_density: float = option(0.15, "span: share of the tokens corrupted", number(above=0.0, below=1.0))
+    mean_span_length: float = option(3.0, "span: mean length of a corrupted span", number(1.0, max=1e4))
+    ul2_mixture: str = option("r=0.4,x=0.4,s=0.2", "ul2: sampling weights of the denoisers r (regular spans), "
+                                                   "x (extreme: long spans, dense noise), s (sequential)", text())
+    augment: str = option("none", "image-classification: augmentation, none or shift (random one-pixel shifts)",
+                          one_of("none", "shift"))
+    source_lang: str = option("en", "translation: source language (the data's {split}.{lang} file suffix)", text())
+    target_lang: str = option("de", "translation: target language", text())
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,7 +105,24 @@ class TrainConfig:
                                 "use --device cpu or auto")
         from llmkit.objectives import get_task  # here, not at the top: `llmkit --help` imports no torch
 
-        get_task(self.task)
+        if self.objective is not None:
+            wanted = OBJECTIVES[self.objective]
+            if self.task not in ("causal-lm", wanted):  # causal-lm: the default, which the objective sets
+                raise UserError(f"--objective {self.objective} trains task {wanted!r}, not --task {self.task!r}: "
+                                "give one of the two")
+            self.task = wanted
+        task = get_task(self.task)
+        if self.objective is not None:
+            check_objective_fits(self.objective, self.preset)
+        else:
+            task.check_architecture(self.preset)
+        task.check_settings(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in OBJECTIVE_OPTIONS:
+            if getattr(self, name) != defaults[name] and name not in task.options:
+                readers = [t for t, cls in _objective_tasks().items() if name in cls.options]
+                raise UserError(f"--{name.replace('_', '-')} is a setting of task {' or '.join(readers)}, which this "
+                                f"run ({self.task}) does not train: drop it or choose that objective")
 
     def model_overrides(self) -> dict[str, Any]:
         out = dict(self.model or {})
@@ -94,6 +137,38 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         from llmkit.utils import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _objective_tasks() -> dict[str, Any]:
+    """task name -> Task class, for the objectives' tasks that are installed."""
+    from llmkit.objectives import TASKS, task_names
+
+    names = task_names()
+    return {task: TASKS[task] for task in OBJECTIVES.values() if task in names}
+
+
+def objectives_for(kind: str) -> list[str]:
+    """The `--objective` names whose task trains models of kind `kind`."""
+    tasks = _objective_tasks()
+    return [name for name, task in OBJECTIVES.items() if task in tasks and tasks[task].architectures is not None
+            and kind in tasks[task].architectures]
+
+
+def check_objective_fits(objective: str, preset: str) -> None:
+    """UserError, one line, when `preset`'s model kind is not one `objective` trains: it names the
+    objectives that fit the preset and the presets that fit the objective."""
+    from llmkit.objectives import get_task
+    from llmkit.objectives.builders import article, preset_kind, presets_of
+
+    task = get_task(OBJECTIVES[objective])
+    kind = preset_kind(preset)
+    if task.fits(kind):
+        return
+    fit = objectives_for(kind)
+    archs = task.architectures or ()
+    raise UserError(f"--objective {objective} trains {' or '.join(archs)} models, and preset {preset!r} is {article(kind)}: "
+                    f"objectives for {article(kind)}: {', '.join(fit) if fit else 'none'}; presets for {objective}: "
+                    f"{', '.join(presets_of(archs)) or 'none installed'}")
 
 
 def field_names() -> list[str]:
@@ -145,8 +220,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 _PER_INVOCATION = ("resume", "force")
 # options that fix what the run's checkpoints are (the model's shape, the tokenizer, the task): a
 # resumed run keeps them; given with another value, --resume is refused rather than half-applied
-FIXED_ON_RESUME = ("task", "preset", "model", "n_layers", "d_model", "n_heads", "context_length", "tokenizer",
-                   "vocab_size")
+FIXED_ON_RESUME = ("task", "objective", "preset", "model", "n_layers", "d_model", "n_heads", "context_length",
+                   "tokenizer", "vocab_size", *OBJECTIVE_OPTIONS)
 
 
 def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
@@ -167,6 +242,14 @@ def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainC
         k = changed[0]
         raise UserError(f"--resume continues the run in {saved.parent} as it was set up: {k} is {stored[k]!r} "
                         f"there, not {given[k]!r}; drop --{k.replace('_', '-')} (or start a new run in another --out)")
+    objective = given.get("objective")
+    if objective in OBJECTIVES and "task" in given and given["task"] != OBJECTIVES[objective]:
+        raise UserError(f"--objective {objective} trains task {OBJECTIVES[objective]!r}, not --task {given['task']!r}: "
+                        "give one of the two")
+    if objective in OBJECTIVES and "task" in stored and stored["task"] != OBJECTIVES[objective]:
+        raise UserError(f"--resume continues the run in {saved.parent} as it was set up: its task is "
+                        f"{stored['task']!r}, not {OBJECTIVES[objective]!r}; drop --objective (or start a new run "
+                        "in another --out)")
     values.update(given)
     unknown = sorted(set(values) - set(field_names()))
     if unknown:

@@ -540,6 +540,11 @@ def finish(run: Run) -> TrainResult:
     if run.env.is_main:
         if not run.task.has_validation:
             save_model(run.raw_model, run.run_dir)
+        scores = run.task.final_evaluation(run.run_dir, run.device)
+        if scores:
+            run.log.log(event="final", step=run.progress.step, **scores)
+            print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
+                  flush=True)
         plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     D.barrier(run.env)
     D.shutdown(run.env)
