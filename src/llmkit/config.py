@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from llmkit.errors import UserError
 from llmkit.options import Rule, integer, number
@@ -285,22 +285,34 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     # --- serialisation -------------------------------------------------------------------------
+    # config.json's "architecture" (llmkit.models.kinds) and how messages name this config's keys;
+    # a kind whose config subclasses this one sets both and `presets`
+    ARCHITECTURE: ClassVar[str] = "decoder"
+    KEY_LABEL: ClassVar[str] = ""
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """This config class's named shapes (`--preset NAME`)."""
+        return PRESETS
+
     def to_dict(self) -> dict[str, Any]:
         """config.json's contents: llmkit's marker, the architecture (see llmkit.models.kinds), the fields."""
-        return {"model_type": "llmkit", "architecture": "decoder", **dataclasses.asdict(self)}
+        return {"model_type": "llmkit", "architecture": self.ARCHITECTURE, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """A decoder config from config.json's contents (no `architecture`: an old run, a decoder)."""
-        architecture = d.get("architecture", "decoder")
-        if architecture != "decoder":
-            raise UserError(f"config: architecture {architecture!r} is not a decoder: load it with "
+        """A config of this class from config.json's contents (no `architecture`: an old run, this
+        class's architecture)."""
+        architecture = d.get("architecture", cls.ARCHITECTURE)
+        if architecture != cls.ARCHITECTURE:
+            article = "an" if cls.ARCHITECTURE[:1] in "aeiou" else "a"
+            raise UserError(f"config: architecture {architecture!r} is not {article} {cls.ARCHITECTURE}: load it with "
                             "llmkit.models.load_config (or llmkit.load), which picks each architecture's config")
         d = {k: v for k, v in d.items() if k not in ("model_type", "architecture")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"config: unknown keys {unknown}: valid keys are {sorted(known)}")
+            raise UserError(f"config: unknown {cls.KEY_LABEL}keys {unknown}: valid keys are {sorted(known)}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -313,9 +325,10 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        presets = cls.presets()
+        if name not in presets:
+            raise UserError(f"unknown {cls.KEY_LABEL}preset {name!r}: choose one of {', '.join(sorted(presets))}")
+        return cls.from_dict({**presets[name], **overrides})
 
 
 def _default_d_ff(mlp: str, d_model: int) -> int:

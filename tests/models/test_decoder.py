@@ -153,7 +153,7 @@ def test_weights_of_another_shape_are_named(tmp_path):
 @pytest.mark.parametrize("kw, words", [
     (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
-    (dict(mlp="relu"), "unknown mlp 'relu'"),
+    (dict(mlp="sigmoid"), "unknown mlp 'sigmoid'"),
     (dict(position="alibi2"), "unknown position"),
     (dict(n_layers=0), "n_layers must be an integer >= 1"),
     (dict(dropout=1.5), "dropout must be a finite number >= 0 and < 1"),

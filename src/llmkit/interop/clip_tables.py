@@ -6,7 +6,6 @@ projection being the concatenation of q_proj, k_proj and v_proj along the output
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,8 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import SHORT_NAMES, check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, read_tensors
-from llmkit.model_io import save_weights
-from llmkit.utils import atomic_write_text
+from llmkit.interop.hf import _skipping_init, assign_state, read_tensors, write_hf_dir
+from llmkit.interop.vision import pixel_statistics
 from llmkit.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, CLIPModel
 
 PREPROCESSOR = "preprocessor_config.json"
@@ -86,29 +84,10 @@ def _tower_fields(tower: dict[str, Any], name: str, d_model: int, n_layers: int,
 
 
 def pixel_stats(directory: Path | None, channels: int) -> dict[str, list[float]]:
-    """image_mean / image_std of the folder's preprocessor_config.json (do_normalize false: none);
-    without the file, CLIPImageProcessor's defaults (OpenAI's statistics) for RGB, 0.5 otherwise."""
-    path = directory / PREPROCESSOR if directory is not None else None
-    if path is None or not path.is_file():
-        if channels == 3:
-            return {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
-        return {}
-    try:
-        pre = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not readable JSON ({e}): download it again or remove it") from None
-    if not isinstance(pre, dict):
-        raise UserError(f"{path} must hold a JSON object: download it again or remove it")
-    if pre.get("do_normalize") is False:
-        return {"image_mean": [0.0] * channels, "image_std": [1.0] * channels}
-    out = {}
-    for key, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
-        value = pre.get(key, list(default) if channels == 3 else None)
-        if isinstance(value, (int, float)):  # one number stands for every channel
-            value = [value] * channels
-        if value is not None:
-            out[key] = value
-    return out
+    """image_mean / image_std of the folder's preprocessor_config.json; where it says nothing (or
+    there is none), CLIPImageProcessor's defaults (OpenAI's statistics) for RGB."""
+    defaults = {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)} if channels == 3 else None
+    return pixel_statistics(directory, channels, defaults)
 
 
 def config_from_hf_dict(config: dict[str, Any], directory: Path | None = None) -> CLIPConfig:
@@ -239,19 +218,13 @@ def export_hf_dir(model: CLIPModel, tokenizer=None, out_dir: str | Path = ".",
         raise UserError(f"cannot export weights of dtype {stored}: use fp32, bf16 or fp16")
     bos = getattr(tokenizer, "bos_id", None)
     pad = getattr(tokenizer, "pad_id", None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(llmkit_to_hf(model, wanted), out / WEIGHTS)
-    atomic_write_text(out / CONFIG, json.dumps(hf_config(model.cfg, stored, bos, pad), indent=2) + "\n")
     v = model.cfg.vision
     pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": v.image_size},
            "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": v.image_mean,
            "image_std": v.image_std, "do_convert_rgb": v.num_channels == 3}
-    atomic_write_text(out / PREPROCESSOR, json.dumps(pre, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
+    return write_hf_dir(out_dir, hf_config(model.cfg, stored, bos, pad), llmkit_to_hf(model, wanted), tokenizer,
+                        {PREPROCESSOR: pre})
 
 
 __all__ = ["CLIP_TENSORS", "HIDDEN_ACTS", "check_exportable", "config_from_hf_dict", "export_hf_dir", "hf_config",

@@ -20,8 +20,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, open_checkpoint
-from llmkit.model_io import save_weights
+from llmkit.interop.hf import _skipping_init, assign_state, open_checkpoint, write_hf_dir
 from llmkit.models.encoder import Encoder, EncoderConfig
 from llmkit.models.kinds import build_model
 from llmkit.utils import atomic_write_text
@@ -381,12 +380,7 @@ def export_hf_dir(model: Encoder, tokenizer=None, out_dir: str | Path = ".", dty
     if cfg.head in ("sequence-classification", "token-classification"):
         config["id2label"] = {str(k): f"LABEL_{k}" for k in range(cfg.num_labels)}
         config["label2id"] = {f"LABEL_{k}": k for k in range(cfg.num_labels)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(tensors, out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(out)
+    out = write_hf_dir(out_dir, config, tensors, tokenizer)
     if cfg.head == "none":
         write_sentence_settings(cfg, out)
     return out

@@ -545,14 +545,23 @@ def export_hf(model: DecoderLM, tokenizer=None, out_dir: str | Path = ".", famil
     if tokenizer is not None:
         config.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                                          ("pad_token_id", tokenizer.pad_id)) if v is not None})
+    return write_hf_dir(out_dir, config, tensors, tokenizer)
+
+
+def write_hf_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer=None,
+                 files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A Hugging Face model folder: model.safetensors, config.json, the tokenizer's files and any
+    other JSON `files` (name -> contents, e.g. preprocessor_config.json), each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(tensors, out / WEIGHTS)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
+    for name, contents in (files or {}).items():
+        atomic_write_text(out / name, json.dumps(contents, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(out)
     return out
 
 
 __all__ = ["HF_KIND_READERS", "HF_KIND_WRITERS", "assign_state", "check_exportable", "config_from_hf", "export_hf",
-           "is_hf_dir", "load_hf", "read_config", "read_tensors"]
+           "is_hf_dir", "load_hf", "read_config", "read_tensors", "write_hf_dir"]

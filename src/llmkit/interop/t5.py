@@ -14,7 +14,6 @@ written before that key, where `tie_word_embeddings` is not false (T5 v1.0).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,9 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import SHORT_NAMES, check_runnable, parse_dtype
-from llmkit.interop.hf import CONFIG, WEIGHTS, _skipping_init, assign_state, read_tensors
-from llmkit.model_io import save_weights, state_dict_for_saving
+from llmkit.interop.hf import _skipping_init, assign_state, read_tensors, write_hf_dir
+from llmkit.model_io import state_dict_for_saving
 from llmkit.models.encoder_decoder import T5Config, T5Model
-from llmkit.utils import atomic_write_text
 
 # --- the name table -----------------------------------------------------------------------------
 # llmkit name -> HF name(s); "{i}" is the layer. Several HF names: concatenated along dim 0.
@@ -229,14 +227,7 @@ def export_hf_dir(model: T5Model, tokenizer=None, out_dir: str | Path = ".",
     if stored not in SHORT_NAMES:
         raise UserError(f"cannot export weights of dtype {stored}: use fp32, bf16 or fp16")
     config = hf_config(model.cfg, stored)
-    tensors = llmkit_to_hf_state(model, wanted)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(tensors, out / WEIGHTS)
-    atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
+    return write_hf_dir(out_dir, config, llmkit_to_hf_state(model, wanted), tokenizer)
 
 
 __all__ = ["config_from_hf_dict", "export_hf_dir", "load_hf_dir", "name_map"]

@@ -99,11 +99,15 @@ def vit_config_from_hf_dict(config: dict[str, Any], num_labels: int | None = Non
         id2label=labels, pooler=pooler)
 
 
-def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
-    """image_mean / image_std from preprocessor_config.json (do_normalize false: none); {} without the file."""
-    path = directory / PREPROCESSOR
-    if not path.is_file():
-        return {}
+def pixel_statistics(directory: Path | None, channels: int,
+                     defaults: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """image_mean / image_std from the folder's preprocessor_config.json (do_normalize false: mean 0,
+    std 1; one number stands for every channel); a key the file lacks, or no file, takes `defaults`
+    (the image processor's own, where it has some), else is left out."""
+    defaults = defaults or {}
+    path = directory / PREPROCESSOR if directory is not None else None
+    if path is None or not path.is_file():
+        return {k: list(v) for k, v in defaults.items()}
     try:
         pre = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
@@ -112,10 +116,13 @@ def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
         raise UserError(f"{path} must hold a JSON object: download it again or remove it")
     if pre.get("do_normalize") is False:
         return {"image_mean": [0.0] * channels, "image_std": [1.0] * channels}
-    out = {k: pre[k] for k in ("image_mean", "image_std") if k in pre}
-    for key, value in out.items():  # a single number stands for every channel
+    out = {}
+    for key in ("image_mean", "image_std"):
+        value = pre.get(key, defaults.get(key))
         if isinstance(value, (int, float)):
-            out[key] = [value] * channels
+            value = [value] * channels
+        if value is not None:
+            out[key] = list(value)
     return out
 
 
@@ -149,7 +156,7 @@ def vit_load_hf_dir(directory: Path, config: dict[str, Any], device: str | torch
     head = tensors.get("classifier.weight")
     cfg = vit_config_from_hf_dict(config, num_labels=0 if head is None else head.shape[0],
                                   pooler=f"{prefix}pooler.dense.weight" in tensors)
-    extra = _preprocessing(directory, cfg.num_channels)
+    extra = pixel_statistics(directory, cfg.num_channels)
     if extra:
         cfg = ViTConfig.from_dict({**cfg.to_dict(), **extra})
     emb = tensors.get(f"{prefix}embeddings.patch_embeddings.projection.weight")

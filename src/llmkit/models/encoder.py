@@ -14,7 +14,6 @@ blocks are `llmkit.nn.blocks.BLOCKS` with `Attention` made bidirectional by the 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
-from llmkit.models.kinds import ModelKind, register_kind
+from llmkit.models.kinds import ModelKind, rebuild_position_tables, register_kind
 from llmkit.nn.attention import Attention, attend
 from llmkit.nn.blocks import BLOCKS, Block, PostNormBlock
 from llmkit.nn.linear import Linear
@@ -105,26 +104,12 @@ class EncoderConfig(ModelConfig):
         """Pre-norm stacks end with a norm; a post-norm block's output is normed already."""
         return self.block != "post_norm"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "llmkit", "architecture": "encoder", **dataclasses.asdict(self)}
+    ARCHITECTURE: ClassVar[str] = "encoder"
+    KEY_LABEL: ClassVar[str] = "encoder "
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
-        architecture = d.get("architecture", "encoder")
-        if architecture != "encoder":
-            raise UserError(f"config: architecture {architecture!r} is not an encoder: load it with llmkit.load")
-        d = {k: v for k, v in d.items() if k not in ("model_type", "architecture")}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"config: unknown encoder keys {unknown}: valid keys are {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "EncoderConfig":
-        if name not in ENCODER_PRESETS:
-            raise UserError(f"unknown encoder preset {name!r}: choose one of {', '.join(sorted(ENCODER_PRESETS))}")
-        return cls.from_dict({**ENCODER_PRESETS[name], **overrides})
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return ENCODER_PRESETS
 
 
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
@@ -413,15 +398,6 @@ def _encoder_ties(cfg: EncoderConfig) -> dict[str, str]:
     return {"head.decoder.weight": "tok_emb.weight"} if cfg.head == "masked-lm" and cfg.tie_embeddings else {}
 
 
-def _encoder_buffers(model: Encoder) -> None:
-    """Sinusoid / RoPE tables are non-persistent buffers: build them again from the config."""
-    fresh = type(model.pos)(model.cfg)
-    for name, buf in fresh.named_buffers():
-        setattr(model.pos, name, buf)
-    if hasattr(fresh, "_cache_len"):
-        model.pos._cache_len = fresh._cache_len
-
-
 def _encoder_info(model: Encoder) -> list[str]:
     cfg = model.cfg
     embedding = f"{cfg.pooling} pooling" + (", unit length" if cfg.normalize else "")
@@ -431,7 +407,7 @@ def _encoder_info(model: Encoder) -> list[str]:
 
 register_kind(ModelKind(
     name="encoder", config_class=EncoderConfig, model_class=Encoder, generates_text=False, tied=_encoder_ties,
-    rebuild_buffers=_encoder_buffers, param_breakdown=lambda m: m.param_breakdown(), info_lines=_encoder_info,
+    rebuild_buffers=rebuild_position_tables, param_breakdown=lambda m: m.param_breakdown(), info_lines=_encoder_info,
     presets=ENCODER_PRESETS))
 
 __all__ = ["ENCODER_PRESETS", "Encoder", "EncoderConfig", "HEADS", "MaskedLMHead", "POOLINGS", "pool"]

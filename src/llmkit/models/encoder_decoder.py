@@ -18,14 +18,11 @@ gated-GELU feed-forward. `encoder_attention="transient-global"` is LongT5's enco
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
@@ -35,25 +32,12 @@ from llmkit.nn.cross_attention import CrossAttention, CrossAttentionCache
 from llmkit.nn.kv_cache import KVCache
 from llmkit.nn.linear import Linear
 from llmkit.nn.masks import padding_mask
-from llmkit.nn.mlp import GeGLU, GeluMLP, SwiGLU
+from llmkit.nn.mlp import GeGLU, GeluMLP, ReluMLP, SwiGLU
 from llmkit.nn.norms import RMSNorm
 from llmkit.nn.relative_bias import RelativePositionBias
 from llmkit.options import Rule, integer, one_of
 
 ARCHITECTURE = "t5"
-
-
-class ReluMLP(nn.Module):
-    """down(relu(up(x))): T5 v1.0's feed-forward ("DenseReluDense"), no biases."""
-
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float = 0.0):
-        super().__init__()
-        self.up = Linear(d_model, d_ff, bias=bias)
-        self.down = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.relu(self.up(x))))
 
 
 # T5's `feed_forward_proj` names -> the feed-forward class (built as cls(d_model, d_ff, bias, dropout)).
@@ -134,26 +118,12 @@ class T5Config(ModelConfig):
         probe.mlp = "gelu"  # the shared checks know llmkit's MLP names only
         ModelConfig.validate(probe)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "llmkit", "architecture": ARCHITECTURE, **dataclasses.asdict(self)}
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    KEY_LABEL: ClassVar[str] = "T5 "
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        architecture = d.get("architecture", ARCHITECTURE)
-        if architecture != ARCHITECTURE:
-            raise UserError(f"config: architecture {architecture!r} is not a T5: load it with llmkit.load")
-        d = {k: v for k, v in d.items() if k not in ("model_type", "architecture")}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"config: unknown T5 keys {unknown}: valid keys are {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "T5Config":
-        if name not in PRESETS:
-            raise UserError(f"unknown T5 preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -422,4 +392,4 @@ register_kind(ModelKind(
     param_breakdown=lambda m: m.param_breakdown(), info_lines=_t5_info, presets=PRESETS))
 
 
-__all__ = ["EncoderDecoderCache", "PRESETS", "T5Config", "T5Model", "T5_MLPS", "ReluMLP"]
+__all__ = ["EncoderDecoderCache", "PRESETS", "T5Config", "T5Model", "T5_MLPS"]

@@ -240,8 +240,9 @@ def _decoder_ties(cfg: ModelConfig) -> dict[str, str]:
     return {"lm_head.weight": "tok_emb.weight"} if cfg.tie_embeddings else {}
 
 
-def _decoder_buffers(model: DecoderLM) -> None:
-    """RoPE / sinusoid tables are non-persistent buffers: build them again from the config."""
+def rebuild_position_tables(model: nn.Module) -> None:
+    """`model.pos`'s RoPE / sinusoid tables are non-persistent buffers: build them again from the
+    config (the `rebuild_buffers` hook of every kind with a `pos` module from nn.positions)."""
     fresh = type(model.pos)(model.cfg)
     for name, buf in fresh.named_buffers():
         setattr(model.pos, name, buf)
@@ -258,10 +259,11 @@ def _decoder_info(model: DecoderLM) -> list[str]:
 
 register_kind(ModelKind(
     name="decoder", config_class=ModelConfig, model_class=DecoderLM, generates_text=True,
-    tied=_decoder_ties, rebuild_buffers=_decoder_buffers, param_breakdown=lambda m: m.param_breakdown(),
+    tied=_decoder_ties, rebuild_buffers=rebuild_position_tables, param_breakdown=lambda m: m.param_breakdown(),
     info_lines=_decoder_info, presets=PRESETS))
 
 
-__all__ = ["KIND_MODULES", "MODEL_KINDS", "ModelKind", "all_presets", "build_model", "config_from_preset", "config_from_dict", "config_to_dict", "finish_loading",
-           "get_kind", "kind_names", "kind_of", "kind_of_config", "kind_of_model", "load_all_kinds", "load_config", "num_params",
+__all__ = ["KIND_MODULES", "MODEL_KINDS", "ModelKind", "all_presets", "build_model", "config_from_dict",
+           "config_from_preset", "config_to_dict", "finish_loading", "get_kind", "kind_names", "kind_of",
+           "kind_of_config", "kind_of_model", "load_all_kinds", "load_config", "num_params", "rebuild_position_tables",
            "register_kind", "require_text_generation", "save_config", "tie_weights", "tied_parameters"]

@@ -25,6 +25,13 @@ class GeluMLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
 
 
+class ReluMLP(GeluMLP):
+    """down(relu(up(x))): the original Transformer's and T5 v1.0's feed-forward ("DenseReluDense")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.relu(self.up(x))))
+
+
 class GeluTanhMLP(GeluMLP):
     """GPT-2's tanh approximation of GELU ("gelu_new" in transformers)."""
 
@@ -74,4 +81,4 @@ class QuickGeluMLP(GeluMLP):
 
 
 MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "swiglu": SwiGLU, "geglu": GeGLU,
-                                    "quick_gelu": QuickGeluMLP}
+                                    "quick_gelu": QuickGeluMLP, "relu": ReluMLP}
