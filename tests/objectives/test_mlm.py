@@ -4,14 +4,13 @@ words whole; NSP pairs are built and scored as BERT does; the task trains an enc
 through `llmkit train --objective mlm` below a stated loss."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from objective_helpers import prepared_task, train_on_shakespeare, write_small_corpus
 
-from llmkit.cli.main import main
 from llmkit.objectives.mlm import IGNORE, mask_tokens, sentence_pair, word_join_tables, word_starts
 from llmkit.tokenizers.char import CharTokenizer
 
@@ -115,24 +114,12 @@ def test_sentence_pair_layout_and_token_types():
 
 
 def _mlm_task(corpus, tmp_path, **options):
-    from llmkit.training.config import build_train_config
-    from llmkit.objectives import get_task
-
-    cfg = build_train_config(data=str(corpus), out=str(tmp_path), objective="mlm", preset="bert-tiny",
-                             context_length=32, **options)
-    task = get_task(cfg.task)(cfg)
-    task.prepare(tmp_path)
-    task.setup(tmp_path)
-    return task
+    return prepared_task(corpus, tmp_path, objective="mlm", preset="bert-tiny", context_length=32, **options)
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    from llmkit.cli.demo import builtin_corpus
-
-    path = tmp_path_factory.mktemp("mlm") / "corpus.txt"
-    path.write_text(builtin_corpus()[:20_000], encoding="utf-8")
-    return path
+    return write_small_corpus(tmp_path_factory.mktemp("mlm"))
 
 
 def test_nsp_batches_pair_a_with_its_continuation_half_the_time_and_loss_adds_nsp(small_corpus, tmp_path):
@@ -173,15 +160,7 @@ def test_rows_split_over_ranks_equal_the_whole_batch(small_corpus, tmp_path):
 
 
 def test_mlm_trains_bert_tiny_on_tinyshakespeare(shakespeare, tmp_path):
-    out = tmp_path / "run"
-    code = main(["train", "--objective", "mlm", "--preset", "bert-tiny", "--data", str(shakespeare), "--out", str(out),
-                 "--context-length", "32", "--batch-size", "16", "--max-steps", "40", "--lr", "3e-3",
-                 "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2", "--val-fraction", "0.01",
-                 "--no-progress"])
-    assert code == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    start = next(r for r in records if r["event"] == "start")
-    final = [r for r in records if r["event"] == "eval"][-1]
+    start, final = train_on_shakespeare("mlm", "bert-tiny", shakespeare, tmp_path / "run")
     initial = math.log(start["vocab_size"])  # an untrained model is near uniform: ln 69 = 4.23
     assert final["val_loss"] < 3.6 < initial - 0.6, final
     assert final["val_mlm_accuracy"] > 0.05  # uniform guessing: 1 in 69

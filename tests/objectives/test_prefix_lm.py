@@ -4,14 +4,13 @@ is the causal model; the loss covers continuation tokens only; the task trains a
 through `llmkit train --objective prefix-lm` below a stated loss."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from objective_helpers import prepared_task, train_on_shakespeare, write_small_corpus
 
-from llmkit.cli.main import main
 from llmkit.config import ModelConfig
 from llmkit.models.decoder import DecoderLM
 from llmkit.objectives.prefix_lm import IGNORE, prefix_split
@@ -77,17 +76,8 @@ def test_labels_cover_the_continuation_only():
 
 
 def test_task_loss_is_cross_entropy_on_continuation_tokens(tmp_path):
-    from llmkit.cli.demo import builtin_corpus
-    from llmkit.objectives import get_task
-    from llmkit.training.config import build_train_config
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(builtin_corpus()[:20_000], encoding="utf-8")
-    cfg = build_train_config(data=str(corpus), out=str(tmp_path), objective="prefix-lm", preset="tiny",
-                             context_length=16)
-    task = get_task(cfg.task)(cfg)
-    task.prepare(tmp_path)
-    task.setup(tmp_path)
+    task = prepared_task(write_small_corpus(tmp_path), tmp_path, objective="prefix-lm", preset="tiny",
+                         context_length=16)
     x, labels, n = task.train_batch(2, 0, 8, 0, 1, 1)
     assert ((1 <= n) & (n <= 15)).all() and len(set(n.tolist())) > 1
     kept = labels != IGNORE
@@ -103,14 +93,6 @@ def test_task_loss_is_cross_entropy_on_continuation_tokens(tmp_path):
 
 
 def test_prefix_lm_trains_a_decoder_on_tinyshakespeare(shakespeare, tmp_path):
-    out = tmp_path / "run"
-    code = main(["train", "--objective", "prefix-lm", "--preset", "tiny", "--data", str(shakespeare), "--out", str(out),
-                 "--context-length", "32", "--batch-size", "16", "--max-steps", "40", "--lr", "3e-3",
-                 "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2", "--val-fraction", "0.01",
-                 "--no-progress"])
-    assert code == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    start = next(r for r in records if r["event"] == "start")
-    final = [r for r in records if r["event"] == "eval"][-1]
+    start, final = train_on_shakespeare("prefix-lm", "tiny", shakespeare, tmp_path / "run")
     initial = math.log(start["vocab_size"])  # ln 65 = 4.17
     assert final["val_loss"] < 3.5 < initial - 0.6, final

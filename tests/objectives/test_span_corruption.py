@@ -4,13 +4,12 @@ noise share is the density and the mean span length the configured mean; lengths
 `llmkit train --objective span` below a stated loss."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from objective_helpers import train_on_shakespeare
 
-from llmkit.cli.main import main
 from llmkit.objectives.span_corruption import (corrupted_lengths, noise_mask, random_partition, span_corrupt,
                                                window_length)
 
@@ -79,15 +78,7 @@ def test_the_window_is_the_longest_whose_corruption_fits():
 
 
 def test_span_corruption_trains_t5_tiny_on_tinyshakespeare(shakespeare, tmp_path):
-    out = tmp_path / "run"
-    code = main(["train", "--objective", "span", "--preset", "t5-tiny", "--data", str(shakespeare), "--out", str(out),
-                 "--context-length", "32", "--batch-size", "16", "--max-steps", "40", "--lr", "3e-3",
-                 "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2", "--val-fraction", "0.01",
-                 "--no-progress"])
-    assert code == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    start = next(r for r in records if r["event"] == "start")
-    final = [r for r in records if r["event"] == "eval"][-1]
+    start, final = train_on_shakespeare("span", "t5-tiny", shakespeare, tmp_path / "run")
     initial = math.log(start["vocab_size"])  # 65 characters + 102 reserved ids: ln 167 = 5.12
     assert final["val_loss"] < 3.6 < initial - 1.0, final
 

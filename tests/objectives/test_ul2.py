@@ -4,13 +4,12 @@ per-denoiser metrics add up to the loss; the task trains a T5 preset through `ll
 --objective ul2` below a stated loss."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from objective_helpers import prepared_task, train_on_shakespeare, write_small_corpus
 
-from llmkit.cli.main import main
 from llmkit.errors import UserError
 from llmkit.objectives.span_corruption import IGNORE, span_counts
 from llmkit.objectives.ul2 import DENOISERS, choose_denoiser, parse_mixture
@@ -20,23 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from llmkit.cli.demo import builtin_corpus
-
-    path = tmp_path_factory.mktemp("ul2") / "corpus.txt"
-    path.write_text(builtin_corpus()[:20_000], encoding="utf-8")
-    return path
+    return write_small_corpus(tmp_path_factory.mktemp("ul2"))
 
 
 def _task(corpus, tmp_path, mixture="r=0.4,x=0.4,s=0.2"):
-    from llmkit.objectives import get_task
-    from llmkit.training.config import build_train_config
-
-    cfg = build_train_config(data=str(corpus), out=str(tmp_path), objective="ul2", preset="t5-tiny",
-                             context_length=64, ul2_mixture=mixture)
-    task = get_task(cfg.task)(cfg)
-    task.prepare(tmp_path)
-    task.setup(tmp_path)
-    return task
+    return prepared_task(corpus, tmp_path, objective="ul2", preset="t5-tiny", context_length=64, ul2_mixture=mixture)
 
 
 def test_each_denoisers_inputs_carry_its_mode_token(corpus, tmp_path):
@@ -89,15 +76,7 @@ def test_bad_mixtures_are_one_line_errors(text, words):
 
 
 def test_ul2_trains_t5_tiny_on_tinyshakespeare(shakespeare, tmp_path):
-    out = tmp_path / "run"
-    code = main(["train", "--objective", "ul2", "--preset", "t5-tiny", "--data", str(shakespeare), "--out", str(out),
-                 "--context-length", "32", "--batch-size", "16", "--max-steps", "40", "--lr", "3e-3",
-                 "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2", "--val-fraction", "0.01",
-                 "--no-progress"])
-    assert code == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    start = next(r for r in records if r["event"] == "start")
-    final = [r for r in records if r["event"] == "eval"][-1]
+    start, final = train_on_shakespeare("ul2", "t5-tiny", shakespeare, tmp_path / "run")
     initial = math.log(start["vocab_size"])  # 65 characters + 105 reserved ids: ln 170 = 5.14
     assert final["val_loss"] < 4.0 < initial - 1.0, final
     assert {"val_loss_from_r", "val_loss_from_x", "val_loss_from_s", "val_share_s"} <= set(final)

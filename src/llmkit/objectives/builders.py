@@ -1,6 +1,7 @@
 """Builders the tasks share: the run's tokenizer, its token stream, the special tokens an objective
-needs, the model config (from a preset of any model kind the task can train) and the model, and the
-per-row random generators that keep batches a pure function of (seed, step, row).
+needs, the model config (from a preset of any model kind the task can train) and the model, the
+per-row random generators that keep batches a pure function of (seed, step, row), and the model
+under its DDP / torch.compile wrappers.
 
 `llmkit.training.loop` re-exports them (older code imports them from there)."""
 from __future__ import annotations
@@ -180,6 +181,18 @@ def raw_windows(tokens: TokenArray, length: int, seed: int, step: int, micro: in
 
     x, y = WindowSampler(tokens, length - 1, seed).batch(step, micro, batch_size, rank, world, grad_accum, stream)
     return torch.cat([x, y[:, -1:]], dim=1)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, for a
+    task's loss that reads the model's own attributes (aux losses, CLIP's temperature)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def model_flops_per_token(model: torch.nn.Module, tokens: int) -> float:

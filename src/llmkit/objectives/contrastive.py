@@ -26,6 +26,7 @@ from llmkit.data.images import load_digits, split
 from llmkit.errors import UserError
 from llmkit.models.clip import (CLIP_PRESETS, CLIPConfig, CLIPModel, CLIPVisionConfig, clip_loss, encode_captions,
                                 normalize_pixels)
+from llmkit.objectives.builders import unwrap_model
 from llmkit.objectives.task import Task, TaskOptions, register_task
 from llmkit.tokenizers.base import Tokenizer, load_tokenizer
 
@@ -55,17 +56,6 @@ def retrieval_accuracy(logits_per_image: torch.Tensor, labels: torch.Tensor) -> 
     i2t = labels[logits_per_image.argmax(dim=1)] == labels
     t2i = labels[logits_per_image.argmax(dim=0)] == labels
     return (i2t.float().mean() + t2i.float().mean()) / 2
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 @register_task("contrastive")
@@ -180,7 +170,7 @@ class ContrastiveTask(Task):
         clipped logit_scale) and, on evaluation batches, `zero_shot_acc`."""
         logits_per_image, logits_per_text = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
         loss = clip_loss(logits_per_text)
-        clip: CLIPModel = _unwrapped(model)
+        clip: CLIPModel = unwrap_model(model)
         metrics = {"retrieval_acc": retrieval_accuracy(logits_per_image.detach(), batch["labels"]),
                    "temperature": clip.temperature().detach().float()}
         if "class_ids" in batch:
@@ -191,7 +181,7 @@ class ContrastiveTask(Task):
         return loss, metrics
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
-        return _unwrapped(model).flops_per_token(self.tokens_per_example)
+        return unwrap_model(model).flops_per_token(self.tokens_per_example)
 
 
 def _model_config(cfg: TaskOptions, vocab_size: int) -> CLIPConfig:

@@ -19,18 +19,16 @@ Special tokens: a BPE tokenizer trained for the run gets [CLS] and [SEP] (it has
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.tokens import TokenArray, train_val_split
+from llmkit.data.tokens import TokenArray
 from llmkit.errors import UserError
-from llmkit.objectives.clm import check_batch_fits
-from llmkit.objectives.builders import (SpecialTokens, build_model_config, build_tokenizer, build_tokens, global_rows,
-                                        model_flops_per_token, raw_windows, resolve_special_tokens, row_generator)
-from llmkit.objectives.task import Task, TaskOptions, register_task
-from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+from llmkit.objectives.builders import build_model_config, global_rows, raw_windows, resolve_special_tokens, row_generator
+from llmkit.objectives.clm import StreamRowsTask, check_batch_fits
+from llmkit.objectives.task import TaskOptions, register_task
+from llmkit.tokenizers.base import Tokenizer
 
 IGNORE = -100  # the label of a position the loss skips (PyTorch's and transformers' convention)
 CLS, SEP, MASK, PAD = "[CLS]", "[SEP]", "[MASK]", "[PAD]"
@@ -113,42 +111,30 @@ def sentence_pair(a: torch.Tensor, b: torch.Tensor, cls_id: int, sep_id: int) ->
 # --- the task ----------------------------------------------------------------------------------
 
 @register_task("masked-lm")
-class MaskedLMTask(Task):
+class MaskedLMTask(StreamRowsTask):
     """BERT pre-training of an encoder preset: masked-token cross entropy (+ next-sentence prediction)."""
 
     architectures = ("encoder",)
     options = ("mask_rate", "whole_word_masking", "nsp")
 
-    tokenizer: Tokenizer
-    tokens: TokenArray
-    special: SpecialTokens
-
     def __init__(self, cfg: TaskOptions) -> None:
         """Refuse a new run without data or with an encoder preset's options it cannot take."""
-        if cfg.data is None and not cfg.resume:
-            raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
         super().__init__(cfg)
         model_cfg = build_model_config(cfg, cfg.vocab_size + 4, self.architectures, f"task {self.name!r}",
                                        head="masked-lm", nsp=self.nsp)
         check_batch_fits(model_cfg, cfg.batch_size)
-        self._loaded = False
 
     @property
     def nsp(self) -> bool:
         return bool(getattr(self.cfg, "nsp", False))
 
-    def prepare(self, run_dir: Path) -> None:
-        """Train (or load) the tokenizer, with [CLS] and [SEP], and tokenize the corpus."""
-        self.tokenizer = build_tokenizer(self.cfg, run_dir, special_tokens=(CLS, SEP))
-        self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
-        self._loaded = True
+    def tokenizer_specials(self) -> tuple[str, ...]:
+        """[CLS] and [SEP] (a BPE tokenizer trained for the run has <|mask|> and <|pad|> already)."""
+        return (CLS, SEP)
 
     def setup(self, run_dir: Path) -> None:
         """Resolve the special tokens, size the encoder (MLM head, NSP head when asked), split the data."""
-        if not self._loaded:
-            self.tokenizer = load_tokenizer(run_dir)
-            self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
-            self._loaded = True
+        self.load_stream(run_dir)
         cfg = self.cfg
         self.special = resolve_special_tokens(self.tokenizer, (CLS, SEP, MASK, PAD), ROLES)
         self.model_config = build_model_config(cfg, self.special.model_vocab_size, self.architectures,
@@ -157,8 +143,7 @@ class MaskedLMTask(Task):
         self.length = self.model_config.max_positions
         if self.length < 5:
             raise UserError(f"masked-lm needs rows of at least 5 tokens, the preset has {self.length}: raise --context-length")
-        self.train_tokens, val = train_val_split(self.tokens, cfg.val_fraction, self.length)
-        self.val_tokens = val if cfg.val_fraction > 0 else None
+        self.split_stream()
         specials = self.special.all_ids()
         ordinary = sorted(set(range(self.tokenizer.vocab_size)) - set(specials) - set(self.tokenizer.special_tokens.values()))
         self.random_ids = torch.tensor(ordinary, dtype=torch.long)
@@ -167,26 +152,10 @@ class MaskedLMTask(Task):
         self.joins = (word_join_tables(self.tokenizer, self.special.model_vocab_size, specials)
                       if getattr(cfg, "whole_word_masking", False) else None)
 
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens": len(self.tokens), "vocab_size": self.special.model_vocab_size}
-        if self.special.reserved:
-            out["reserved_tokens"] = len(self.special.reserved)  # ids past the tokenizer (see SpecialTokens)
-        return out
-
-    @property
-    def tokens_per_example(self) -> int:
-        return self.length
-
-    @property
-    def has_validation(self) -> bool:
-        return self.val_tokens is not None
-
-    def flops_per_token(self, model: torch.nn.Module) -> float:
-        return model_flops_per_token(model, self.tokens_per_example)
-
     # --- batches --------------------------------------------------------------------------------
     def _batch(self, tokens: TokenArray, step: int, micro: int, batch_size: int, rank: int, world: int,
                grad_accum: int, stream: int) -> dict[str, torch.Tensor]:
+        """Masked rows of random windows: input_ids, labels, token_type_ids (+ nsp_labels)."""
         seed, T, cls_id, sep_id = self.cfg.seed, self.length, self.special[CLS], self.special[SEP]
         windows = raw_windows(tokens, T - 3 if self.nsp else T - 2, seed, step, micro, batch_size, rank, world,
                               grad_accum, stream)
@@ -222,16 +191,6 @@ class MaskedLMTask(Task):
             b = torch.as_tensor(tokens[start: start + len(b)].astype("int64"))
         ids, tt = sentence_pair(a, b, self.special[CLS], self.special[SEP])
         return ids, tt, is_random
-
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int,
-                    grad_accum: int) -> dict[str, torch.Tensor]:
-        """Masked rows of random training windows: input_ids, labels, token_type_ids (+ nsp_labels)."""
-        return self._batch(self.train_tokens, step, micro, batch_size, rank, world, grad_accum, 0)
-
-    def eval_batch(self, i: int, batch_size: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        """Validation batch `i`, masked the same way every evaluation."""
-        assert self.val_tokens is not None, "eval_batch without validation data (val_fraction 0)"
-        return self._batch(self.val_tokens, i, 0, batch_size, rank, world, 1, 1)
 
     # --- the objective ----------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

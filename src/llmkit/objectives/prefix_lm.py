@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.objectives.builders import global_rows, row_generator
-from llmkit.objectives.clm import CausalLMTask, _unwrapped, expert_metrics
+from llmkit.objectives.clm import CausalLMTask, with_model_losses
 from llmkit.objectives.task import register_task
 
 IGNORE = -100  # the label of a position the loss skips
@@ -73,11 +73,4 @@ class PrefixLMTask(CausalLMTask):
         x, labels, n = batch
         logits = model(x, prefix_lengths=n)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-        metrics = {"prefix_share": (n.float().mean() / x.shape[1]).detach()}
-        collect = getattr(_unwrapped(model), "aux_loss", None)
-        aux = collect() if callable(collect) else None
-        if aux is not None:
-            loss = loss + aux.float()
-            metrics["aux_loss"] = aux.detach().float()
-        metrics.update(expert_metrics(model))
-        return loss, metrics
+        return with_model_losses(model, loss, {"prefix_share": (n.float().mean() / x.shape[1]).detach()})

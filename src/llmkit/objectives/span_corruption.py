@@ -21,13 +21,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.tokens import TokenArray, train_val_split
+from llmkit.data.tokens import TokenArray
 from llmkit.errors import UserError
-from llmkit.objectives.builders import (SpecialTokens, build_model_config, build_tokenizer, build_tokens, global_rows,
-                                        model_flops_per_token, raw_windows, resolve_special_tokens, row_generator)
-from llmkit.objectives.clm import check_batch_fits
-from llmkit.objectives.task import Task, TaskOptions, register_task
-from llmkit.tokenizers.base import Tokenizer, load_tokenizer
+from llmkit.objectives.builders import build_model_config, global_rows, raw_windows, resolve_special_tokens, row_generator
+from llmkit.objectives.clm import StreamRowsTask, check_batch_fits
+from llmkit.objectives.task import TaskOptions, register_task
 
 IGNORE = -100  # the label of a position the loss skips
 EOS, PAD = "</s>", "<pad>"
@@ -127,7 +125,7 @@ def pad_rows(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
 
 # --- the task ----------------------------------------------------------------------------------
 
-class DenoisingTask(Task):
+class DenoisingTask(StreamRowsTask):
     """What T5-style objectives share: the corpus as one token stream (as causal-lm), windows
     corrupted row by row into (input, target) by `corrupt`, padded batches, and the target's
     token-level cross entropy. A subclass says how a window is corrupted and how long it is."""
@@ -135,21 +133,14 @@ class DenoisingTask(Task):
     architectures = ("t5",)
     extra_tokens: tuple[str, ...] = ()  # special tokens beyond EOS, PAD and the sentinels
 
-    tokenizer: Tokenizer
-    tokens: TokenArray
-    special: SpecialTokens
-
     def __init__(self, cfg: TaskOptions) -> None:
         """Refuse a new run without data, a preset of another kind, options it cannot take."""
-        if cfg.data is None and not cfg.resume:
-            raise UserError("no training data: pass --data FILE_OR_FOLDER (or a recipe with `data:`)")
         super().__init__(cfg)
         model_cfg = build_model_config(cfg, cfg.vocab_size + N_SENTINELS + 8, self.architectures, f"task {self.name!r}")
         self.length = self.window_length(model_cfg.context_length)
         # the sentinel list depends on the options only, so a resumed run resolves the same ids
         self.sentinels = sentinel_tokens(max(N_SENTINELS, self.max_spans(self.length)))
         check_batch_fits(model_cfg, cfg.batch_size)
-        self._loaded = False
 
     def window_length(self, context: int) -> int:
         """Raw tokens per row, so that every corrupted input and target fits `context` tokens."""
@@ -167,18 +158,13 @@ class DenoisingTask(Task):
     def sentinel_ids(self) -> list[int]:
         return [self.special[s] for s in self.sentinels]
 
-    def prepare(self, run_dir: Path) -> None:
-        """Train (or load) the tokenizer, with the sentinels, and tokenize the corpus."""
-        self.tokenizer = build_tokenizer(self.cfg, run_dir, special_tokens=(*self.sentinels, *self.extra_tokens))
-        self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
-        self._loaded = True
+    def tokenizer_specials(self) -> tuple[str, ...]:
+        """The sentinels and the subclass's `extra_tokens` (EOS and PAD a BPE tokenizer has already)."""
+        return (*self.sentinels, *self.extra_tokens)
 
     def setup(self, run_dir: Path) -> None:
         """Resolve the special tokens, size the model (its pad / EOS / decoder start ids), split the data."""
-        if not self._loaded:
-            self.tokenizer = load_tokenizer(run_dir)
-            self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
-            self._loaded = True
+        self.load_stream(run_dir)
         self.special = resolve_special_tokens(self.tokenizer, (EOS, PAD, *self.sentinels, *self.extra_tokens),
                                               ROLES)
         pad = self.special[PAD]
@@ -186,30 +172,15 @@ class DenoisingTask(Task):
                                                f"task {self.name!r}", pad_token_id=pad, decoder_start_token_id=pad,
                                                eos_token_id=self.special[EOS])
         self.length = self.window_length(self.model_config.context_length)
-        self.train_tokens, val = train_val_split(self.tokens, self.cfg.val_fraction, self.length)
-        self.val_tokens = val if self.cfg.val_fraction > 0 else None
+        self.split_stream()
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens": len(self.tokens), "vocab_size": self.special.model_vocab_size,
-                               "window": self.length}
-        if self.special.reserved:
-            out["reserved_tokens"] = len(self.special.reserved)
-        return out
-
-    @property
-    def tokens_per_example(self) -> int:
-        """One window's worth of text (split between the input and the target)."""
-        return self.length
-
-    @property
-    def has_validation(self) -> bool:
-        return self.val_tokens is not None
-
-    def flops_per_token(self, model: torch.nn.Module) -> float:
-        return model_flops_per_token(model, self.tokens_per_example)
+        """`StreamRowsTask.summary` and the window length."""
+        return {**super().summary(), "window": self.length}
 
     def _batch(self, tokens: TokenArray, step: int, micro: int, batch_size: int, rank: int, world: int,
                grad_accum: int, stream: int) -> dict[str, torch.Tensor]:
+        """Corrupted random windows: input_ids, attention_mask, labels (-100 padding), denoiser."""
         windows = raw_windows(tokens, self.length, self.cfg.seed, step, micro, batch_size, rank, world, grad_accum, stream)
         inputs, targets, kinds = [], [], []
         for window, row in zip(windows, global_rows(micro, batch_size, rank, world)):
@@ -218,16 +189,6 @@ class DenoisingTask(Task):
         input_ids = pad_rows(inputs, self.special[PAD])
         return {"input_ids": input_ids, "attention_mask": pad_rows([torch.ones_like(x) for x in inputs], 0),
                 "labels": pad_rows(targets, IGNORE), "denoiser": torch.tensor(kinds, dtype=torch.long)}
-
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int,
-                    grad_accum: int) -> dict[str, torch.Tensor]:
-        """Corrupted random windows: input_ids, attention_mask, labels (-100 padding), denoiser."""
-        return self._batch(self.train_tokens, step, micro, batch_size, rank, world, grad_accum, 0)
-
-    def eval_batch(self, i: int, batch_size: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        """Validation batch `i`, corrupted the same way every evaluation."""
-        assert self.val_tokens is not None, "eval_batch without validation data (val_fraction 0)"
-        return self._batch(self.val_tokens, i, 0, batch_size, rank, world, 1, 1)
 
     def token_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token cross entropy [B, T] in fp32, 0 at padding; the logits' argmax hits [B, T])."""
