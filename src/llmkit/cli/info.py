@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenizer: {type(lm.tokenizer).__name__}, vocabulary {lm.tokenizer.vocab_size}{_padding(lm)}")
     elif not errors and (kind is None or kind.generates_text):
         print("tokenizer: none (text generation needs one: copy the tokenizer files into the directory)")
-    if kind.generates_text and next(model.parameters()).device.type == "cpu":
+    if kind.name == "decoder" and next(model.parameters()).device.type == "cpu":  # the kind the kernels serve
         from llmkit import accel
 
         print(accel.status())
