@@ -187,6 +187,9 @@ def embed(model: str | Path | LanguageModel, sentences: str | Sequence[str], bat
     if not sentences:
         return torch.empty(0, cfg.d_model, dtype=param.dtype, device=param.device)
     rows = tok.encode_many(list(sentences), add_special_tokens=True)
+    empty = next((i for i, row in enumerate(rows) if not row), None)
+    if empty is not None:  # nothing to pool: refuse rather than return a made-up vector
+        raise UserError(f"sentence {empty} ({sentences[empty]!r}) has no tokens to embed: drop empty texts")
     rows = _truncate(rows, cfg.max_seq_length or cfg.max_positions, _special_suffix(tok))
     pad = tok.pad_id if tok.pad_id is not None else cfg.pad_token_id
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))

@@ -171,3 +171,23 @@ def check_fields(obj: Any, where: str = "") -> None:
         rule = rule_of(f)
         if rule is not None:
             object.__setattr__(obj, f.name, rule.check(getattr(obj, f.name), f"{where}{f.name}"))
+
+
+def check_id2label(id2label: Any, num_labels: int) -> dict[str, str] | None:
+    """A config's id2label as {"0": name, ...} with one entry per label (int keys, as Python gives
+    them, accepted; None stays None); one line naming the problem otherwise."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise UserError(f"config: id2label must map class indices to names, got {id2label!r}")
+    out = {str(k): v for k, v in id2label.items()}
+    if sorted(out) != sorted(str(i) for i in range(num_labels)):
+        raise UserError(f"config: id2label has keys {sorted(out)[:5]} but num_labels is {num_labels}: "
+                        f"give one name for each of 0..{num_labels - 1}")
+    return out
+
+
+def label_names(id2label: dict[str, str] | None, num_labels: int) -> list[str]:
+    """The class names in index order (`id2label`, else "LABEL_i" as transformers names them)."""
+    names = id2label or {}
+    return [names.get(str(i), f"LABEL_{i}") for i in range(num_labels)]

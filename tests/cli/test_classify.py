@@ -174,9 +174,10 @@ def test_an_encoder_with_a_classification_head_classifies_texts(tmp_path, capsys
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     torch.manual_seed(0)
+    names = {0: "negative", 1: "neutral", 2: "positive"}
     ref = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, num_labels=3)).eval()
+        max_position_embeddings=32, id2label=names, label2id={v: k for k, v in names.items()})).eval()
     ref.save_pretrained(tmp_path / "bert")
     HFTokenizer(backend).save(tmp_path / "bert")
     texts = ["The film was great.", "awful"]
@@ -187,7 +188,31 @@ def test_an_encoder_with_a_classification_head_classifies_texts(tmp_path, capsys
         ids = torch.tensor([backend.encode(text).ids])
         with torch.no_grad():
             want = ref(ids).logits.softmax(-1)[0]
-        assert {label: p for p, label in row} == pytest.approx({f"LABEL_{i}": float(q) for i, q in enumerate(want)},
+        assert {label: p for p, label in row} == pytest.approx({names[i]: float(q) for i, q in enumerate(want)},
                                                                abs=1e-4)
     code, _, err = run_cli(capsys, "classify", str(tmp_path / "bert"), "--image", str(write_png(tmp_path / "x.png", 0)))
     assert code == 2 and "--text" in err
+
+
+def test_a_one_label_text_classifier_prints_the_sigmoid_of_its_score(tmp_path, capsys):
+    """num_labels 1 (a cross-encoder's relevance score): the sigmoid, as transformers' pipeline gives."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llmkit.tokenizers.hf import HFTokenizer
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "good", "bad"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=1)).eval()
+    ref.save_pretrained(tmp_path / "ce")
+    HFTokenizer(backend).save(tmp_path / "ce")
+    code, out, err = run_cli(capsys, "classify", str(tmp_path / "ce"), "--text", "good bad")
+    assert code == 0, err
+    with torch.no_grad():
+        want = ref(torch.tensor([backend.encode("good bad").ids])).logits.sigmoid()[0, 0]
+    [(p, label)] = printed(out)["good bad"]
+    assert label == "LABEL_0" and p == pytest.approx(float(want), abs=1e-4) and p != pytest.approx(1.0)

@@ -115,3 +115,17 @@ def test_bad_input_is_one_line_and_exit_2(bert_dir, tmp_path, capsys):
         code, _, err = run(capsys, *argv)
         assert code == 2, (argv, err)
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_a_text_with_no_tokens_is_one_line(tmp_path, capsys):
+    """A tokenizer that adds no special tokens gives an empty text no ids: refused, not a zero vector."""
+    from llmkit.models.encoder import Encoder, EncoderConfig
+    from llmkit.model_io import save_model
+    from llmkit.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer.train("abc ")
+    torch.manual_seed(0)
+    save_model(Encoder(EncoderConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=16, n_heads=2,
+                                     context_length=16, head="none")), tmp_path / "enc", tok)
+    code, _, err = run(capsys, "embed", str(tmp_path / "enc"), "--text", "abc", "--text", "")
+    assert code == 2 and "no tokens" in err and len(err.strip().splitlines()) == 1

@@ -146,3 +146,17 @@ def test_chat_refuses_a_t5_before_printing_a_prompt(capsys, t5_dir, monkeypatch)
     assert main(["chat", str(t5_dir[0])]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "encoder-decoder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_eos_reserved_past_the_tokenizer_stays_generatable():
+    """A T5 trained with a character tokenizer has its pad and EOS ids past the tokenizer's vocabulary:
+    text generation still forbids the ids no tokenizer decodes, but not the EOS that ends the output."""
+    from llmkit.generation.generate import GenerationConfig, for_text
+
+    tok = CharTokenizer.train("abc ")
+    V = tok.vocab_size
+    model = T5Model(config_from_preset("t5-tiny", vocab_size=V + 2, pad_token_id=V, eos_token_id=V + 1,
+                                       decoder_start_token_id=V)).eval()
+    assert tok.eos_id is None and for_text(model, tok, GenerationConfig()).vocab_limit == V + 2
+    inside = T5Model(config_from_preset("t5-tiny", vocab_size=V + 8)).eval()  # EOS 1: a tokenizer id
+    assert for_text(inside, tok, GenerationConfig()).vocab_limit == V

@@ -303,3 +303,20 @@ def test_export_refuses_what_transformers_clip_cannot_run(tmp_path):
                             "eos_token_id": 49, "qk_norm": "head"})
     with pytest.raises(UserError, match="qk_norm"):
         export_hf_dir(model, None, tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(32, 96, 3), (64, 64, 3), (50, 70, 3)])
+def test_images_for_zero_shot_are_resized_and_cropped_as_clips_image_processor(tmp_path, shape):
+    """`read_image(crop=True)` (what `llmkit classify` feeds CLIP): shortest edge to the size, bicubic,
+    then the centre crop, equal to CLIPImageProcessor's pixels before normalisation."""
+    import numpy as np
+    from PIL import Image
+
+    from llmkit.data.images import read_image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "x.png")
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_normalize=False)
+    want = processor(Image.open(tmp_path / "x.png"), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(torch.from_numpy(read_image(tmp_path / "x.png", 3, 16, crop=True)), want,
+                               atol=1e-6, rtol=0)

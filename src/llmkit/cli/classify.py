@@ -86,7 +86,8 @@ def classify_zero_shot(req: Request) -> Scores:
     if req.tokenizer is None:
         raise UserError(f"{req.source} has no tokenizer, which the captions need: copy the CLIP tokenizer files into it")
     vision = req.model.cfg.vision
-    pixels = torch.from_numpy(np.stack([read_image(p, vision.num_channels, vision.image_size) for p in req.images]))
+    pixels = torch.from_numpy(np.stack([read_image(p, vision.num_channels, vision.image_size, crop=True)
+                                        for p in req.images]))
     probs = zero_shot(req.model, req.tokenizer, normalize_pixels(vision, pixels).to(req.device), req.labels,
                       template="{}")
     return Scores([str(p) for p in req.images], list(req.labels), probs.float().cpu())
@@ -108,14 +109,18 @@ def classify_texts(req: Request) -> Scores:
     if req.tokenizer is None:
         raise UserError(f"{req.source} has no tokenizer: copy the tokenizer files into it")
     ids = [req.tokenizer.encode(t, add_special_tokens=True) for t in req.texts]
+    empty = next((t for t, x in zip(req.texts, ids) if not x), None)
+    if empty is not None:
+        raise UserError(f"--text {empty!r} has no tokens to classify: drop empty texts")
     width = max(len(x) for x in ids)
     pad = cfg.pad_token_id or 0
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=req.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=req.device)
     with torch.no_grad():
-        probs = req.model(input_ids, attention_mask=mask).float().softmax(-1).cpu()
-    labels = getattr(cfg, "id2label", None) or {}
-    return Scores(list(req.texts), [labels.get(str(i), f"LABEL_{i}") for i in range(cfg.num_labels)], probs)
+        logits = req.model(input_ids, attention_mask=mask).float().cpu()
+    score = cfg.score_function  # as transformers' text-classification pipeline scores them
+    probs = logits.softmax(-1) if score == "softmax" else logits.sigmoid() if score == "sigmoid" else logits
+    return Scores(list(req.texts), cfg.labels(), probs)
 
 
 # kind name -> its classifier

@@ -50,9 +50,11 @@ def load_digits() -> ImageSet:
     return ImageSet(images, d.target.astype(np.int64), [str(i) for i in range(10)])
 
 
-def read_image(path: str | Path, channels: int, size: int | None = None) -> np.ndarray:
+def read_image(path: str | Path, channels: int, size: int | None = None, crop: bool = False) -> np.ndarray:
     """One image file as [channels, H, W] float32 in [0, 1]: grey for 1 channel, RGB for 3, resized
-    (bilinear, as transformers' ViT image processor) to size x size when `size` is given."""
+    (bilinear, as transformers' ViT image processor) to size x size when `size` is given. `crop`
+    (CLIP's image processor): the shortest edge resized to `size` (bicubic), keeping the aspect
+    ratio, then the central size x size."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -63,7 +65,15 @@ def read_image(path: str | Path, channels: int, size: int | None = None) -> np.n
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size, size):
+            if size is not None and crop:
+                w, h = img.size
+                scale = size / min(w, h)
+                new = (max(size, int(w * scale)), max(size, int(h * scale)))
+                if new != (w, h):
+                    img = img.resize(new, Image.Resampling.BICUBIC)
+                left, top = (new[0] - size) // 2, (new[1] - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            elif size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as e:

@@ -279,9 +279,15 @@ def stream(model, tokenizer, prompt: str, cfg: GenerationConfig | None = None, d
 
 def for_text(model, tokenizer, cfg: GenerationConfig) -> GenerationConfig:
     """`cfg` for decoding to text: ids past the tokenizer's vocabulary (a padded embedding) are
-    never generated, since no tokenizer decodes them."""
+    never generated, since no tokenizer decodes them, except the model's own end-of-sequence id
+    where a task reserved it past the tokenizer's ids (a T5 trained with a character tokenizer):
+    it is never decoded, only stops the output."""
     if cfg.vocab_limit is None and tokenizer.vocab_size < model.cfg.vocab_size:
-        return dataclasses.replace(cfg, vocab_limit=tokenizer.vocab_size)
+        limit = tokenizer.vocab_size
+        eos = _eos_of(model, tokenizer)
+        if is_seq2seq(model) and eos is not None and eos >= limit:
+            limit = eos + 1
+        return dataclasses.replace(cfg, vocab_limit=limit)
     return cfg
 
 

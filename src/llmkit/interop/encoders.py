@@ -115,6 +115,17 @@ def _num_labels(config: dict[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 2
 
 
+def _labels(config: dict[str, Any]) -> dict[str, Any]:
+    """id2label (unless it is transformers' LABEL_i default) and problem_type of a classifier's config."""
+    out: dict[str, Any] = {}
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label and any(v != f"LABEL_{k}" for k, v in id2label.items()):
+        out["id2label"] = {str(k): v for k, v in id2label.items()}
+    if config.get("problem_type") is not None:
+        out["problem_type"] = config["problem_type"]
+    return out
+
+
 def _get(config: dict[str, Any], key: str, default: Any = None) -> Any:
     value = config.get(key, default)
     return default if value is None else value
@@ -165,7 +176,7 @@ def config_from_hf_dict(config: dict[str, Any]) -> EncoderConfig:
     return EncoderConfig(mlp=_ACTIVATIONS[act], block="post_norm", norm="layernorm", position="learned", bias=True,
                          embedding_norm=True, tie_embeddings=bool(_get(config, "tie_word_embeddings", True)),
                          init_std=float(_get(config, "initializer_range", 0.02)), head=head, nsp=nsp,
-                         num_labels=_num_labels(config), **fields)
+                         num_labels=_num_labels(config), **_labels(config), **fields)
 
 
 # --- sentence-transformers ---------------------------------------------------------------------
@@ -378,8 +389,11 @@ def export_hf_dir(model: Encoder, tokenizer=None, out_dir: str | Path = ".", dty
         "tie_word_embeddings": cfg.tie_embeddings, "dtype": _DTYPE_NAMES.get(stored, "float32"),
     }
     if cfg.head in ("sequence-classification", "token-classification"):
-        config["id2label"] = {str(k): f"LABEL_{k}" for k in range(cfg.num_labels)}
-        config["label2id"] = {f"LABEL_{k}": k for k in range(cfg.num_labels)}
+        names = cfg.labels()
+        config["id2label"] = {str(k): name for k, name in enumerate(names)}
+        config["label2id"] = {name: k for k, name in enumerate(names)}
+        if cfg.problem_type is not None:
+            config["problem_type"] = cfg.problem_type
     out = write_hf_dir(out_dir, config, tensors, tokenizer)
     if cfg.head == "none":
         write_sentence_settings(cfg, out)

@@ -30,18 +30,21 @@ from llmkit.nn.linear import Linear
 from llmkit.nn.masks import padding_mask
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import POSITIONS
-from llmkit.options import Rule, integer, number, one_of
+from llmkit.options import Rule, check_id2label, integer, label_names, number, one_of
 
 HEADS = ("none", "masked-lm", "sequence-classification", "token-classification")
 POOLINGS = ("mean", "cls", "max")
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu}
+
+# transformers' problem_type: how a sequence classifier's logits become scores (and its loss)
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 ENCODER_FIELD_RULES: dict[str, Rule] = {
     "type_vocab_size": integer(0, 1 << 16), "pad_token_id": integer(0, 1 << 24), "position_offset": integer(0, 1 << 16),
     "head": one_of(*HEADS), "num_labels": integer(1, 1 << 20), "pooler": Rule(bool),
     "pooler_act": one_of(*POOLER_ACTIVATIONS), "nsp": Rule(bool), "pooling": one_of(*POOLINGS),
     "normalize": Rule(bool), "classifier_dropout": number(0.0, below=1.0, optional=True),
-    "max_seq_length": integer(1, 1 << 22, optional=True),
+    "max_seq_length": integer(1, 1 << 22, optional=True), "problem_type": one_of(*PROBLEM_TYPES, optional=True),
 }
 # ModelConfig fields an encoder does not have: each shapes causal decoding only
 _DECODER_ONLY = ("sliding_window", "layer_types", "sparse", "mod", "final_softcap")
@@ -70,11 +73,29 @@ class EncoderConfig(ModelConfig):
     normalize: bool = False  # sentence embeddings of unit L2 norm
     classifier_dropout: float | None = None  # before the classifier; None: dropout
     max_seq_length: int | None = None  # tokens a sentence is cut to for embeddings; None: the positions
+    id2label: dict[str, str] | None = None  # class index (as text) -> name, for the classification heads
+    problem_type: str | None = None  # PROBLEM_TYPES; None: single-label (regression for one label), as transformers
 
     def __post_init__(self) -> None:
         for name, rule in ENCODER_FIELD_RULES.items():
             setattr(self, name, rule.check(getattr(self, name), f"config: {name}"))
+        self.id2label = check_id2label(self.id2label, self.num_labels)
         super().__post_init__()
+
+    def labels(self) -> list[str]:
+        """The class names in index order (`id2label`, else "LABEL_i")."""
+        return label_names(self.id2label, self.num_labels)
+
+    @property
+    def score_function(self) -> str:
+        """How a sequence classifier's logits become scores, as transformers' text-classification
+        pipeline does: "none" for a regression, "sigmoid" for multi-label or a single label (a
+        cross-encoder's score), else "softmax" over the labels."""
+        if self.problem_type == "regression":
+            return "none"
+        if self.problem_type == "multi_label_classification" or self.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
 
     def validate(self) -> None:
         super().validate()

@@ -27,7 +27,7 @@ from llmkit.nn.blocks import BLOCKS
 from llmkit.nn.linear import Linear
 from llmkit.nn.norms import build_norm
 from llmkit.nn.positions import LearnedPositions
-from llmkit.options import Rule, integer, number
+from llmkit.options import Rule, check_id2label, integer, label_names, number
 
 # Image fields and what they take.
 VIT_RULES: dict[str, Rule] = {
@@ -84,7 +84,7 @@ class ViTConfig(ModelConfig):
             if getattr(self, name) != value:
                 raise UserError(f"config: {name} is a decoder field a ViT does not take (it is {value!r} here): "
                                 f"remove it from the model settings")
-        self.id2label = _check_labels(self.id2label, self.num_labels)
+        self.id2label = check_id2label(self.id2label, self.num_labels)
         self.image_mean = _check_stats(self.image_mean, self.num_channels, "image_mean", 0.5, number(-1e3, 1e3))
         self.image_std = _check_stats(self.image_std, self.num_channels, "image_std", 0.5, number(above=0.0, max=1e3))
         super().__post_init__()
@@ -100,8 +100,7 @@ class ViTConfig(ModelConfig):
 
     def labels(self) -> list[str]:
         """The class names in index order (`id2label`, else "LABEL_i" as transformers names them)."""
-        names = self.id2label or {}
-        return [names.get(str(i), f"LABEL_{i}") for i in range(self.num_labels)]
+        return label_names(self.id2label, self.num_labels)
 
     def to_dict(self) -> dict[str, Any]:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in FIXED and k not in DERIVED}
@@ -125,19 +124,6 @@ class ViTConfig(ModelConfig):
         if name not in PRESETS:
             raise UserError(f"unknown ViT preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-
-def _check_labels(id2label: Any, num_labels: int) -> dict[str, str] | None:
-    """id2label as {"0": name, ...} with one entry per label (int keys, as Python gives them, accepted)."""
-    if id2label is None:
-        return None
-    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
-        raise UserError(f"config: id2label must map class indices to names, got {id2label!r}")
-    out = {str(k): v for k, v in id2label.items()}
-    if sorted(out) != sorted(str(i) for i in range(num_labels)):
-        raise UserError(f"config: id2label has keys {sorted(out)[:5]} but num_labels is {num_labels}: "
-                        f"give one name for each of 0..{num_labels - 1}")
-    return out
 
 
 def _check_stats(values: Any, channels: int, name: str, default: float, rule: Rule) -> list[float]:
