@@ -164,3 +164,13 @@ def test_mlm_trains_bert_tiny_on_tinyshakespeare(shakespeare, tmp_path):
     initial = math.log(start["vocab_size"])  # an untrained model is near uniform: ln 69 = 4.23
     assert final["val_loss"] < 3.6 < initial - 0.6, final
     assert final["val_mlm_accuracy"] > 0.05  # uniform guessing: 1 in 69
+
+
+def test_perplexity_is_of_the_masked_tokens_only_when_nsp_adds_its_loss():
+    """With NSP the loss is MLM + NSP; the logged perplexity is exp(MLM cross entropy), not of the sum."""
+    import math
+
+    from llmkit.objectives.mlm import MaskedLMTask
+
+    assert MaskedLMTask.perplexity(None, 3.76, {"mlm_loss": 3.07, "nsp_loss": 0.69}) == pytest.approx(math.exp(3.07))
+    assert MaskedLMTask.perplexity(None, 3.07, {"mlm_accuracy": 0.1}) == pytest.approx(math.exp(3.07))

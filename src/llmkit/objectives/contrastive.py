@@ -165,6 +165,10 @@ class ContrastiveTask(Task):
 
     # --- the objective ----------------------------------------------------------------------------
 
+    def perplexity(self, loss: float, metrics: dict[str, float]) -> float | None:
+        """None: the loss is a classification's, not a language model's (no perplexity to log)."""
+        return None
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """clip_loss of the batch's similarities; metrics `retrieval_acc`, `temperature` (exp of the
         clipped logit_scale) and, on evaluation batches, `zero_shot_acc`."""

@@ -155,6 +155,10 @@ class ImageClassificationTask(Task):
 
     # --- the objective ------------------------------------------------------------------------
 
+    def perplexity(self, loss: float, metrics: dict[str, float]) -> float | None:
+        """None: the loss is a classification's, not a language model's (no perplexity to log)."""
+        return None
+
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean cross entropy (fp32) of the logits against the labels; metric `accuracy` (top-1)."""
         pixels, labels = batch

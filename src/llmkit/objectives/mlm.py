@@ -18,6 +18,7 @@ Special tokens: a BPE tokenizer trained for the run gets [CLS] and [SEP] (it has
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -193,6 +194,10 @@ class MaskedLMTask(StreamRowsTask):
         return ids, tt, is_random
 
     # --- the objective ----------------------------------------------------------------------------
+    def perplexity(self, loss: float, metrics: dict[str, float]) -> float | None:
+        """exp of the masked tokens' cross entropy (with NSP the loss adds the NSP term: not in it)."""
+        return math.exp(min(metrics.get("mlm_loss", loss), 50.0))
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross entropy on the selected tokens (fp32), plus the NSP cross entropy when enabled.
         Metrics: `mlm_accuracy` (argmax = original token, over selected tokens); with NSP also

@@ -20,6 +20,7 @@ makes resume exact and 2 ranks x batch b equal to 1 rank x batch 2b, without any
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
@@ -133,6 +134,12 @@ class Task(ABC):
         """(mean loss over the batch as a 0-d tensor to backpropagate, extra metrics as 0-d tensors).
         Runs under the loop's autocast; the loop averages the metrics like the loss and logs them
         (`name` in train lines, `val_name` in eval lines)."""
+
+    def perplexity(self, loss: float, metrics: dict[str, float]) -> float | None:
+        """The validation perplexity the loop logs: exp of the loss, which for a language-modelling
+        task is the mean per-token cross entropy; a task whose loss is something else (a sum of
+        objectives, a classification) says what, or None for no perplexity."""
+        return math.exp(min(loss, 50.0))
 
     def final_evaluation(self, run_dir: Path, device: torch.device) -> dict[str, Any]:
         """After training, on rank 0, with the saved model in `run_dir`: the task's end-of-run scores

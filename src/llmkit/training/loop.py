@@ -457,10 +457,10 @@ def evaluate_and_keep_best(run: Run) -> bool:
     if improved:
         ensure_finite_weights(run)
     if env.is_main:
-        ppl = math.exp(min(val_loss, 50))
-        run.log.log(event="eval", step=p.step, val_loss=val_loss, val_ppl=ppl,
+        ppl = run.task.perplexity(val_loss, metrics)
+        run.log.log(event="eval", step=p.step, val_loss=val_loss, **({} if ppl is None else {"val_ppl": ppl}),
                     **{f"val_{name}": value for name, value in metrics.items()})
-        run.bar.write(f"step {p.step}: val loss {val_loss:.4f} (ppl {ppl:.2f})"
+        run.bar.write(f"step {p.step}: val loss {val_loss:.4f}" + ("" if ppl is None else f" (ppl {ppl:.2f})")
                       + ("" if improved else f", no improvement for {p.bad_evals} eval(s)"))
         if improved:  # the run directory always holds the best model so far
             save_model(run.raw_model, run.run_dir)
