@@ -51,3 +51,16 @@ def read_json_object(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise UserError(f"config file {path} must hold a JSON object")
     return d
+
+
+def import_if_present(module: str):
+    """`importlib.import_module(module)`, or None when that module itself does not exist (a part a
+    registry names that this installation lacks); an import error inside it still raises (a bug)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None

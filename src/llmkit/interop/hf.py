@@ -36,7 +36,7 @@ from llmkit.interop.families import TRANSFORMS, Family, Rule, family_for_export,
 from llmkit.model_io import fp32_state_names, save_weights, state_dict_for_saving
 from llmkit.models.decoder import DecoderLM
 from llmkit.models.kinds import build_model, kind_of_model, tie_weights
-from llmkit.utils import atomic_write_text
+from llmkit.utils import atomic_write_text, import_if_present
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -392,17 +392,8 @@ HF_KIND_WRITERS: dict[str, str] = {"t5": "llmkit.interop.t5", "encoder": "llmkit
 
 def _kind_module(table: dict[str, str], key: Any):
     """The module `table` names for `key`, or None (also when that module is not built yet)."""
-    import importlib
-
     module = table.get(key) if isinstance(key, str) else None
-    if module is None:
-        return None
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return None
+    return None if module is None else import_if_present(module)
 
 
 def read_tensors(directory: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ registers its kind at import (`register_kind(ModelKind(...))` at its bottom).
 """
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
 from llmkit.nn.blocks import ATTENTIONS
-from llmkit.utils import atomic_write_text, read_json_object
+from llmkit.utils import atomic_write_text, import_if_present, read_json_object
 
 ARCHITECTURE_KEY = "architecture"
 DEFAULT_ARCHITECTURE = "decoder"  # what a config.json without the key is
@@ -78,13 +77,8 @@ KIND_MODULES: dict[str, str] = {
 
 def _import_kind(name: str) -> None:
     """Import the module that registers kind `name`, if it is a lazily registered one that exists."""
-    module = KIND_MODULES.get(name)
-    if module is not None and name not in MODEL_KINDS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a kind not built yet is simply absent; a broken import is a bug
-                raise
+    if name in KIND_MODULES and name not in MODEL_KINDS:
+        import_if_present(KIND_MODULES[name])
 
 
 def load_all_kinds() -> None:

@@ -19,7 +19,6 @@ makes resume exact and 2 ranks x batch b equal to 1 rank x batch 2b, without any
 """
 from __future__ import annotations
 
-import importlib
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.objectives.builders import build_model, refuse_unfit_preset
+from llmkit.utils import import_if_present
 
 Batch = Any  # whatever a task's train_batch/eval_batch return and its loss takes: tensors, tuples, dicts
 
@@ -174,13 +174,8 @@ TASK_MODULES: dict[str, str] = {
 
 
 def _import_task(name: str) -> None:
-    module = TASK_MODULES.get(name)
-    if module is not None and name not in TASKS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a task not built yet is absent; a broken import is a bug
-                raise
+    if name in TASK_MODULES and name not in TASKS:
+        import_if_present(TASK_MODULES[name])
 
 
 def task_names() -> list[str]:
