@@ -14,7 +14,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import SHORT_NAMES, check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, read_tensors, write_hf_dir
+from llmkit.interop.hf import _skipping_init, assign_state, gather, read_tensors, write_hf_dir
 from llmkit.interop.vision import pixel_statistics
 from llmkit.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, CLIPModel
 
@@ -118,12 +118,7 @@ def hf_to_llmkit(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Siz
         m = re.match(r"^(text|vision)\.blocks\.(\d+)\.(.+)$", name)
         key, layer = (f"{m[1]}.blocks.{{i}}.{m[3]}", m[2]) if m else (name, None)
         hf_names = [n.format(i=layer) for n in CLIP_TENSORS[key]]  # a gap in the table: KeyError, our bug
-        missing = [n for n in hf_names if n not in tensors]
-        if missing:
-            raise UserError(f"{source} lacks tensor {missing[0]} (llmkit {name}): the weights are incomplete "
-                            "or belong to another config.json")
-        parts = [tensors[n] for n in hf_names]
-        state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[name] = gather(tensors, hf_names, name, source)
         used.update(hf_names)
     return state, used
 

@@ -20,7 +20,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, open_checkpoint, write_hf_dir
+from llmkit.interop.hf import _skipping_init, assign_state, gather, open_checkpoint, write_hf_dir
 from llmkit.models.encoder import Encoder, EncoderConfig
 from llmkit.models.kinds import build_model
 from llmkit.utils import atomic_write_text
@@ -299,15 +299,9 @@ def load_hf_dir(directory: Path, config: dict[str, Any], device: str | torch.dev
             hf = None if hf is None else tuple(prefix + h for h in hf)
         if hf is None:
             raise RuntimeError(f"no conversion rule for llmkit tensor {name}")  # a gap in the table: our bug
-        if not all(h in stored for h in hf):
-            if name == "head.decoder.weight" and cfg.tie_embeddings:
-                continue  # tied to the embeddings, as transformers ties it
-            lost = next(h for h in hf if h not in stored)
-            raise UserError(f"{directory} lacks tensor {lost} (llmkit {name}): the weights are incomplete or belong "
-                            "to another config.json; download them again")
-        parts = [stored[h] for h in hf]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        state[name] = tensor.to(target)
+        if name == "head.decoder.weight" and cfg.tie_embeddings and not all(h in stored for h in hf):
+            continue  # tied to the embeddings, as transformers ties it
+        state[name] = gather(stored, hf, name, directory).to(target)
         used.update(hf)
     extra = sorted(n for n in set(stored) - used if not _known_unused(n, model_type, cfg.n_layers))
     if extra:

@@ -408,6 +408,18 @@ def read_tensors(directory: Path, config: dict[str, Any], dtype: torch.dtype | N
         return out
 
 
+def gather(tensors: dict[str, torch.Tensor], hf_names: list[str] | tuple[str, ...], name: str,
+           source: str | Path) -> torch.Tensor:
+    """llmkit tensor `name` from its HF tensors in `tensors`: the one as stored, or several joined
+    along rows (a fused q/k/v); UserError naming the first one the checkpoint lacks."""
+    missing = [n for n in hf_names if n not in tensors]
+    if missing:
+        raise UserError(f"{source} lacks tensor {missing[0]} (llmkit {name}): the weights are incomplete or "
+                        "belong to another config.json; download them again")
+    parts = [tensors[n] for n in hf_names]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
                  optional: tuple[str, ...] = ()) -> torch.nn.Module:
     """Load `state` (llmkit names) into `model` strictly: every shape checked first (UserError naming
@@ -555,4 +567,4 @@ def write_hf_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict[str,
 
 
 __all__ = ["HF_KIND_READERS", "HF_KIND_WRITERS", "assign_state", "check_exportable", "config_from_hf", "export_hf",
-           "is_hf_dir", "load_hf", "read_config", "read_tensors", "write_hf_dir"]
+           "gather", "is_hf_dir", "load_hf", "read_config", "read_tensors", "write_hf_dir"]

@@ -21,7 +21,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import SHORT_NAMES, check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, read_tensors, write_hf_dir
+from llmkit.interop.hf import _skipping_init, assign_state, gather, read_tensors, write_hf_dir
 from llmkit.model_io import state_dict_for_saving
 from llmkit.models.encoder_decoder import T5Config, T5Model
 
@@ -167,12 +167,7 @@ def load_hf_dir(directory: Path, config: dict[str, Any], device: str | torch.dev
     for ours, theirs in name_map(model).items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        missing = [t for t in theirs if t not in tensors]
-        if missing:
-            raise UserError(f"{directory}: checkpoint lacks tensor {missing[0]} (llmkit {ours}): the weights are "
-                            "incomplete or were saved for another config.json; download them again")
-        parts = [tensors[t] for t in theirs]
-        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[ours] = gather(tensors, theirs, ours, directory)
         used.update(theirs)
     extra = sorted(set(tensors) - used - set(IGNORED) - {"lm_head.weight"})
     if extra:

@@ -19,7 +19,7 @@ import torch
 
 from llmkit.errors import UserError
 from llmkit.interop.dtypes import check_runnable, parse_dtype
-from llmkit.interop.hf import _skipping_init, assign_state, read_tensors
+from llmkit.interop.hf import _skipping_init, assign_state, gather, read_tensors
 from llmkit.models.vit import ViT, ViTConfig
 
 PREPROCESSOR = "preprocessor_config.json"
@@ -135,12 +135,7 @@ def _vit_state(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]
         key, layer = (f"blocks.{{i}}.{m[2]}", m[1]) if m else (name, None)
         hf_names = [n.format(i=layer) for n in VIT_TENSORS[key]]  # a gap in the table: KeyError, our bug
         hf_names = [n if n.startswith(_UNPREFIXED) else prefix + n for n in hf_names]
-        missing = [n for n in hf_names if n not in tensors]
-        if missing:
-            raise UserError(f"{source} lacks tensor {missing[0]} (llmkit {name}): the weights are incomplete "
-                            "or belong to another config.json")
-        parts = [tensors[n] for n in hf_names]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = gather(tensors, hf_names, name, source)
         if tuple(t.shape) != tuple(shape) and [s for s in t.shape if s != 1] == list(shape):
             t = t.reshape(shape)  # transformers' [1, 1, d] CLS token and [1, N + 1, d] positions
         state[name] = t
