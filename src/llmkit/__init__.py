@@ -2,6 +2,7 @@
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import UserError
 import llmkit.accel  # noqa: F401,E402  (fills the fast-path seams; see llmkit/accel/__init__.py)
+import llmkit.interop  # noqa: F401,E402  (registers pretrained readers and peft adapter naming: interop.register)
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "UserError", "load", "DecoderLM", "TrainConfig", "train", "generate", "embed"]

@@ -120,19 +120,107 @@ def find_tokenizer(path: str | Path, tokenizer: str | Path | Tokenizer | None = 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          tokenizer: str | Path | Tokenizer | None = None, check: bool = True,
-         allow_pickle: bool = False) -> LanguageModel:
+         allow_pickle: bool = False, adapter: str | Path | None = None, merge: bool = True) -> LanguageModel:
     """Load an llmkit run directory or a Hugging Face model directory with its tokenizer.
     `dtype` (torch dtype or "fp32"/"bf16"/"fp16") casts; None keeps the stored dtype. `tokenizer`
     (a Tokenizer, file or folder) replaces the directory's own; a directory without one still
     loads, and text generation then raises a UserError saying so. `check` (the default) refuses, in
     one line, a tokenizer whose ids the model lacks and weights that are not finite numbers;
     `problems(lm)` lists the same for a model loaded with check=False. `allow_pickle` lets pickled
-    weights of a directory you trust load (see `load_model_any`)."""
-    model = load_model_any(path, device=device, dtype=dtype, check=check, allow_pickle=allow_pickle)
-    tok = find_tokenizer(path, tokenizer)
+    weights of a directory you trust load (see `load_model_any`).
+
+    `adapter`: a peft-format adapter folder (trained here or by `peft`) applied to the model; `path`
+    may also be such a folder itself (an adapter fine-tuning run), whose base model is then the one
+    its adapter_config.json names. With `merge` (the default) an adapter whose math allows it
+    (LoRA, DoRA, IA3, VeRA) is folded into the weights: the same outputs, and decoding runs the
+    plain model's fast paths."""
+    path = Path(path)
+    if adapter is None and is_adapter_dir(path):
+        adapter, path = path, adapter_base(path)
+    if path.is_file() and path.suffix == ".bin":  # a llama2.c checkpoint with its tokenizer .model beside it
+        from llmkit.interop.dtypes import parse_dtype
+        from llmkit.model_io import load_pretrained, pretrained_tokenizer
+
+        model = load_pretrained(path, device=device, dtype=parse_dtype(dtype)).eval()
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else (load_tokenizer(tokenizer) if tokenizer is not None
+                                                                  else pretrained_tokenizer(path))
+    else:
+        model = load_model_any(path, device=device, dtype=dtype, check=check, allow_pickle=allow_pickle)
+        tok = find_tokenizer(path, tokenizer)
+    if adapter is not None:
+        if tokenizer is None and find_tokenizer(adapter) is not None:
+            tok = find_tokenizer(adapter)  # a fine-tuning run keeps the tokenizer (and chat template) it used
+        model = apply_adapter(model, adapter, merge=merge)
     if check:
         check_vocab(model, tok, path)
-    return LanguageModel(model, tok, Path(path))
+    return LanguageModel(model, tok, Path(adapter) if adapter is not None else path)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a peft adapter folder (adapter_config.json, no model config.json)."""
+    from llmkit.peft.files import ADAPTER_CONFIG
+
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(adapter: str | Path) -> Path:
+    """The base model an adapter folder's config names (`base_model_name_or_path`), which must be here."""
+    from llmkit.peft.files import read_adapter
+
+    config, _ = read_adapter(adapter)
+    base = config.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise UserError(f"adapter {adapter} names base model {base!r}, which is not on this machine: pass the base "
+                        f"model and the adapter, e.g. `llmkit generate BASE --adapter {adapter}`")
+    return Path(base)
+
+
+def apply_adapter(model: torch.nn.Module, adapter: str | Path, merge: bool = True) -> torch.nn.Module:
+    """`model` with the adapter of folder `adapter` applied (merged where exact and `merge`)."""
+    from llmkit.peft.files import load_adapter
+
+    dtype = next(model.parameters()).dtype
+    adapted, method = load_adapter(model.float(), adapter)
+    if merge and method.mergeable:
+        adapted = method.merge(adapted)
+    return adapted.to(dtype).eval()
+
+
+def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, force: bool = False,
+                  dtype: str | torch.dtype | None = None) -> Path:
+    """Write `model` with `adapter` folded into its weights to `out`: a Hugging Face directory when
+    the base is one, else an llmkit model directory (with the tokenizer). Methods whose adapter is
+    not a weight change (prefix, prompt, bottleneck adapters) are refused."""
+    import shutil
+    import tempfile
+
+    from llmkit.interop.convert import _check_apart, _prepare_out, _swap_in
+    from llmkit.interop.hf import export_hf, is_hf_dir
+    from llmkit.model_io import save_model
+    from llmkit.peft.files import load_adapter
+
+    model, out = Path(model), Path(out)
+    for src in (model, Path(adapter)):
+        _check_apart(src, out)
+    _prepare_out(out, force)
+    lm = load(model, dtype=dtype, tokenizer=None, merge=False)
+    stored = next(lm.model.parameters()).dtype
+    adapted, method = load_adapter(lm.model.float(), adapter)
+    merged = method.merge(adapted).to(stored)  # refuses methods that cannot merge
+    tok = find_tokenizer(adapter) or lm.tokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        if model.is_dir() and is_hf_dir(model):
+            export_hf(merged, tok, tmp)
+        else:
+            save_model(merged, tmp, tok)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 # --- sentence embeddings -------------------------------------------------------------------------

@@ -262,3 +262,44 @@ def check_finite(model: torch.nn.Module, source: str | Path) -> None:
     raise UserError(f"weights in {source} are not all finite numbers: tensor {bad[0]} holds {nan:,} NaN and "
                     f"{inf:,} inf of {p.numel():,} values{more}: training diverged before they were saved or the "
                     "file is damaged; load an earlier checkpoint or restore the file")
+
+
+# --- a pretrained starting point of any format -------------------------------------------------
+
+# (path, device, dtype) -> the model, or None where the path is not of the reader's format; filled
+# by llmkit.interop when llmkit loads (Hugging Face directories, llama2.c .bin files)
+PRETRAINED_READERS: list = []
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model at `path`, in any format llmkit reads: an llmkit run/model directory, or one a
+    registered reader knows (a Hugging Face directory, a llama2.c .bin). Weights that are not
+    finite numbers are refused. Fine-tuning and continued pre-training start from it (`init_from`)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model not found: {path}: pass a model directory (llmkit or Hugging Face) or a llama2.c .bin")
+    for read in PRETRAINED_READERS:
+        model = read(path, device, dtype)
+        if model is not None:
+            break
+    else:
+        model = load_model(path, device=device, dtype=dtype)
+    check_finite(model, path)
+    return model
+
+
+def pretrained_tokenizer(path: str | Path) -> "Tokenizer":
+    """The tokenizer of the model at `path`: the directory's own, or for a llama2.c .bin the one
+    SentencePiece .model beside it (`tok512.model` by stories260K)."""
+    from llmkit.tokenizers.base import load_tokenizer
+
+    path = Path(path)
+    if path.is_file():
+        models = sorted(path.parent.glob("*.model"))
+        if len(models) != 1:
+            found = ", ".join(m.name for m in models) or "none"
+            raise UserError(f"{path} is a llama2.c checkpoint without one tokenizer .model beside it (found {found}): "
+                            f"convert it first with `llmkit convert {path} --tokenizer TOK.model --out DIR`")
+        return load_tokenizer(models[0])
+    return load_tokenizer(path)

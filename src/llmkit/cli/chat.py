@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.generation.beam import check_beams
     from llmkit.generation.generate import stream_ids
 
-    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, adapter=args.adapter)
     model, tok = lm.model.eval(), lm.require_tokenizer()
     if getattr(model, "is_encoder_decoder", False):  # before the first prompt is printed
         raise UserError(f"{args.run_dir} is an encoder-decoder (T5) model, which maps a source to a target: "

@@ -36,6 +36,8 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model directory: speculative decoding (default: none)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or folder (default: the one in the model directory)")
+    p.add_argument("--adapter", default=None, help="peft-format adapter folder to apply (LoRA, DoRA, IA3, prompt, "
+                                                   "prefix, ...; merged into the weights where exact) (default: none)")
     p.add_argument("--device", default="cpu", type=device_option, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="cast the weights (default: as stored)")
     add_dataclass_options(p, GenerationConfig, skip=("stop", "stop_token_ids", "vocab_limit"))
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.api import load
     from llmkit.generation.generate import stream
 
-    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    lm = load(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, adapter=args.adapter)
     tok = lm.require_tokenizer()
     cfg = decoding_settings(args)
     warn_if_extrapolated(lm.model, cfg.context_length)

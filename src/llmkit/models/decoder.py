@@ -67,7 +67,8 @@ class DecoderLM(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
-                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_lengths: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, vocab].
 
         cache: continue from `cache.pos` (incremental decoding); advanced by T afterwards.
@@ -78,29 +79,39 @@ class DecoderLM(nn.Module):
         prefix_lengths: [B] a prefix LM (Raffel et al. 2020, T5; Dong et al. 2019, UniLM): row b's
         first `prefix_lengths[b]` positions attend to each other in both directions, the rest as the
         layer would (causally); None is a plain decoder.
+        segment_ids: [B, T] packed samples (SFT packing): a token attends only to earlier tokens of
+        its own segment (a block-diagonal causal mask), so samples packed in one row leak nothing
+        into each other; give each sample's positions in `position_ids` (restarting at 0).
+        inputs_embeds: [B, T, d_model] used instead of the embeddings of `idx` (prompt tuning
+        prepends learned vectors); `idx` is then ignored and may be None.
         """
-        B, T = idx.shape
+        if inputs_embeds is not None:
+            B, T = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        else:
+            B, T = idx.shape
+            device = idx.device
         offset = cache.pos if cache is not None else 0
         if (T == 1 and cache is not None and attention_mask is None and position_ids is None
-                and prefix_lengths is None):
+                and prefix_lengths is None and segment_ids is None and inputs_embeds is None):
             path = DECODE_STEPS.get(type(self))  # one new token: a fast path may run the whole model
             if path is not None and path.accepts(self):
                 logits = path.run(self, idx, cache)
                 if logits is not None:
                     return logits
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + T, device=idx.device)
+            position_ids = torch.arange(offset, offset + T, device=device)
             max_pos = offset + T
         else:
             max_pos = None
-        x = self.embed(idx)
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds
         rope = None
         if self.pos.additive:
             x = x + self.pos(position_ids, max_pos)
         elif self.pos.rotary:
             rope = self.pos(position_ids, max_pos)
         x = self.drop(x)
-        inputs = self._layer_inputs(T, offset, attention_mask, cache, idx.device, prefix_lengths)
+        inputs = self._layer_inputs(T, offset, attention_mask, cache, device, prefix_lengths, segment_ids)
         for i, block in enumerate(self.blocks):
             mask, bias = inputs[self.cfg.layer_type(i)]
             x = block(x, rope, mask, cache, bias)
@@ -124,6 +135,7 @@ class DecoderLM(nn.Module):
 
     def _layer_inputs(self, T: int, offset: int, attention_mask: torch.Tensor | None, cache,
                       device: torch.device, prefix_lengths: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None,
                       ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """layer type -> (bool mask or None for plain causal, additive scores bias or None), built once
         per forward for each type the model's layers use."""
@@ -133,7 +145,7 @@ class DecoderLM(nn.Module):
             if kind in out:
                 continue
             k_pos = cache.key_positions(first, T) if cache is not None else None
-            mask = self._mask(kind, T, offset, attention_mask, k_pos, device, prefix_lengths)
+            mask = self._mask(kind, T, offset, attention_mask, k_pos, device, prefix_lengths, segment_ids)
             bias = None
             if self.pos.biased:
                 q_pos = torch.arange(offset, offset + T, device=device)
@@ -143,7 +155,8 @@ class DecoderLM(nn.Module):
 
     def _mask(self, kind: str, T: int, offset: int, attention_mask: torch.Tensor | None,
               k_pos: torch.Tensor | None, device: torch.device,
-              prefix_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+              prefix_lengths: torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """None (plain causal, the fused fast path) unless a cache offset, window, pattern, padding
         or prefix needs more. k_pos: the absolute position of each key the layer sees (None:
         0..offset+T-1). A prefix adds, to the layer's own pattern, the keys later in the prefix
@@ -151,7 +164,7 @@ class DecoderLM(nn.Module):
         window = self.cfg.sliding_window if kind == "sliding" else None
         needs_window = window is not None and offset + T > window
         if (kind != "sparse" and attention_mask is None and not needs_window and k_pos is None
-                and (offset == 0 or T == 1) and prefix_lengths is None):
+                and (offset == 0 or T == 1) and prefix_lengths is None and segment_ids is None):
             return None
         q_pos = torch.arange(offset, offset + T, device=device)
         pad = None
@@ -163,6 +176,9 @@ class DecoderLM(nn.Module):
         if prefix_lengths is not None:  # the prefix's bidirectional part: keys ahead of the query, in the prefix
             ahead_in_prefix = prefix_lm(q_pos, k_pos, prefix_lengths) & ~causal(q_pos, k_pos)
             allowed = (allowed[None] | ahead_in_prefix)[:, None]  # [B, 1, T, S]
+        if segment_ids is not None:  # packed samples: keys of the query's own segment only (no cache)
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+            allowed = allowed & same
         mask = combine(allowed, pad)
         if pad is not None:
             # a fully padded query row (left padding) would softmax over nothing -> NaN; let it see itself

@@ -77,8 +77,15 @@ class TokenStreamTask(Task):
         return ()
 
     def prepare(self, run_dir: Path) -> None:
-        """Train (or load) the tokenizer and tokenize the corpus into the run's token cache."""
-        self.tokenizer = build_tokenizer(self.cfg, run_dir, special_tokens=self.tokenizer_specials())
+        """Train (or load) the tokenizer, or take the pretrained model's (`init_from`: continued
+        pre-training), and tokenize the corpus into the run's token cache."""
+        if getattr(self.cfg, "init_from", None):
+            from llmkit.model_io import pretrained_tokenizer
+
+            self.tokenizer = pretrained_tokenizer(self.cfg.init_from)
+            self.tokenizer.save(run_dir)
+        else:
+            self.tokenizer = build_tokenizer(self.cfg, run_dir, special_tokens=self.tokenizer_specials())
         self.tokens = build_tokens(self.cfg, run_dir, self.tokenizer)
         self._loaded = True
 
@@ -160,7 +167,10 @@ class CausalLMTask(TokenStreamTask):
         """Read what `prepare` wrote, size the model to the vocabulary, split train/validation."""
         self.load_stream(run_dir)
         cfg = self.cfg
-        self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
+        if getattr(cfg, "init_from", None):  # continued pre-training: the pretrained model's shape
+            self.model_config = self.pretrained().cfg
+        else:
+            self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
         context = self.model_config.context_length
         train_tokens, val_tokens = train_val_split(self.tokens, cfg.val_fraction, context)
         self.train_data = WindowSampler(train_tokens, context, cfg.seed)

@@ -93,10 +93,23 @@ class Task(ABC):
         Unusable data (too small, wrong vocabulary) raises `UserError`."""
 
     model_config: ModelConfig  # set by `setup`: the shape of the model this task trains
+    # set by the loop before `final_evaluation`: the trained model as it ended (adapters applied)
+    final_model: torch.nn.Module | None = None
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        """The freshly initialised model, seeded by the run's seed (a decoder LM by default)."""
+        """The model to train: the pretrained one of `init_from` (fine-tuning, continued
+        pre-training), else a freshly initialised one, seeded by the run's seed."""
+        if getattr(self.cfg, "init_from", None):
+            return self.pretrained().to(device)
         return build_model(self.model_config, self.cfg.seed, device)
+
+    def pretrained(self) -> torch.nn.Module:
+        """The model of `init_from` (read once, on the CPU, in fp32: the run's dtype is autocast's)."""
+        if getattr(self, "_pretrained", None) is None:
+            from llmkit.model_io import load_pretrained
+
+            self._pretrained = load_pretrained(self.cfg.init_from, dtype=torch.float32).train()
+        return self._pretrained
 
     def summary(self) -> dict[str, Any]:
         """Facts about the data for the run's `start` log line (e.g. token count, vocabulary)."""
@@ -169,7 +182,9 @@ TASK_MODULES: dict[str, str] = {
     "masked-lm": "llmkit.objectives.mlm", "prefix-lm": "llmkit.objectives.prefix_lm",
     "span-corruption": "llmkit.objectives.span_corruption", "ul2": "llmkit.objectives.ul2",
     "translation": "llmkit.objectives.translation", "image-classification": "llmkit.objectives.image_classification",
-    "contrastive": "llmkit.objectives.contrastive",
+    "contrastive": "llmkit.objectives.contrastive", "sft": "llmkit.objectives.sft",
+    "classification": "llmkit.objectives.classification",
+    "token-classification": "llmkit.objectives.token_classification",
 }
 
 

@@ -32,16 +32,18 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step-N` whole or not at all (its temp folder is removed on any failure),
-    replacing an earlier one of the same step, then keep only the `keep` most recent."""
+    replacing an earlier one of the same step, then keep only the `keep` most recent. `weights`:
+    the tensors to keep (default the whole model; an adapter run keeps only what it trains)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = outputs.temp_path(final)
     try:
         tmp.mkdir()
-        save_weights(state_dict_for_saving(model), tmp / "model.safetensors")
+        save_weights(weights if weights is not None else state_dict_for_saving(model), tmp / "model.safetensors")
         save_config(model.cfg, tmp / "config.json")
         _test_pause(step)
         save_torch(state, tmp / STATE)

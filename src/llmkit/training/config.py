@@ -24,7 +24,13 @@ OBJECTIVES: dict[str, str] = {"clm": "causal-lm", "mlm": "masked-lm", "prefix-lm
                               "span": "span-corruption", "ul2": "ul2"}
 # options read by some objectives only (each task lists those it reads in `Task.options`)
 OBJECTIVE_OPTIONS = ("mask_rate", "whole_word_masking", "nsp", "noise_density", "mean_span_length", "ul2_mixture",
-                     "augment", "source_lang", "target_lang")
+                     "augment", "source_lang", "target_lang", "pack", "pooling", "label_column", "text_column",
+                     "text_pair_column", "shots", "class_weights", "balanced_sampling", "token_dropout", "replay",
+                     "replay_data")
+# options read by some fine-tuning methods only (each method lists those it reads in `Method.options`)
+METHOD_OPTIONS = ("rank", "alpha", "adapter_dropout", "target_modules", "rslora", "lora_init", "virtual_tokens",
+                  "prompt_init_text", "prefix_projection", "adapter_size", "train_layers", "freeze", "unfreeze",
+                  "layer_lr_decay", "gradual_unfreeze", "double_quant", "quant_block_size")
 
 
 @dataclass
@@ -36,6 +42,12 @@ class TrainConfig:
                                          "encoder presets), prefix-lm (decoder presets), span (span-corruption, T5 "
                                          "presets), ul2 (T5 presets)", one_of(*OBJECTIVES, optional=True))
     preset: str = option("baby-gpt", "model preset (see `llmkit presets`)", text())
+    init_from: str | None = option(None, "start from this model instead of a fresh one (fine-tuning, continued "
+                                         "pre-training): an llmkit run or model directory, a Hugging Face directory or "
+                                         "a llama2.c .bin (its tokenizer .model beside it); the model's tokenizer is used",
+                                   text(optional=True))
+    method: str = option("full", "fine-tuning method (llmkit.peft.method_names()): full, partial, feature-extraction, "
+                                 "lora, dora, qlora, adapter, prefix, prompt, ia3, vera", text())
     model: dict | None = option(None, "model config overrides (recipe only), e.g. {n_layers: 6}")
     n_layers: int | None = option(None, "override the preset's number of layers", integer(1, 4096, optional=True))
     d_model: int | None = option(None, "override the preset's width", integer(1, 1 << 20, optional=True))
@@ -85,6 +97,55 @@ class TrainConfig:
                           one_of("none", "shift"))
     source_lang: str = option("en", "translation: source language (the data's {split}.{lang} file suffix)", text())
     target_lang: str = option("de", "translation: target language", text())
+    pack: bool = option(False, "sft: pack several samples into one row (block-diagonal attention, positions per sample)",
+                        flag())
+    pooling: str = option("last", "classification on a decoder: pool the last real token or the mean of all",
+                          one_of("last", "mean"))
+    label_column: str = option("label", "classification / ner: the field holding the label(s)", text())
+    text_column: str = option("text", "classification / ner: the field holding the text (or tokens)", text())
+    text_pair_column: str | None = option(None, "classification: the field holding a second text (sentence pairs)",
+                                          text(optional=True))
+    shots: str | None = option(None, "classification: train on k examples per class; a list (1,4,16) trains once per "
+                                     "k and plots the curve", text(optional=True))
+    class_weights: str = option("none", "classification: weight the loss per class: none, balanced (inverse frequency)",
+                                one_of("none", "balanced"))
+    balanced_sampling: bool = option(False, "classification: draw training rows class-balanced", flag())
+    token_dropout: float = option(0.0, "classification / ner / sft augmentation: share of input tokens replaced by "
+                                       "padding/unknown during training", number(0.0, below=1.0))
+    replay: float = option(0.0, "continued training: share of each batch drawn from the original data (--replay-data) "
+                                "against forgetting", number(0.0, below=1.0))
+    replay_data: str | None = option(None, "text the base model was trained on: replayed (--replay) and its perplexity "
+                                           "reported before and after fine-tuning", text(optional=True))
+    # fine-tuning method settings (each refused for a method that does not read it)
+    rank: int = option(8, "lora / dora / qlora / vera: rank r of the update", integer(1, 1 << 16))
+    alpha: float = option(16.0, "lora / dora / qlora: scaling alpha (the update is scaled by alpha / r, or "
+                                "alpha / sqrt(r) with --rslora)", number(above=0.0, max=1e6))
+    adapter_dropout: float = option(0.0, "lora / dora / qlora / vera / adapter: dropout on the adapter's input",
+                                    number(0.0, below=1.0))
+    target_modules: str | None = option(None, "lora / dora / qlora / ia3 / vera: modules to adapt, e.g. q,v or "
+                                              "q_proj,v_proj or all-linear (default: the method's)", text(optional=True))
+    rslora: bool = option(False, "lora / dora / qlora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)",
+                          flag())
+    lora_init: str = option("default", "lora / dora / qlora: init of A and B: default (Kaiming A, zero B), gaussian, "
+                                       "pissa (principal singular vectors)", one_of("default", "gaussian", "pissa"))
+    virtual_tokens: int = option(20, "prompt / prefix: number of virtual tokens", integer(1, 1 << 16))
+    prompt_init_text: str | None = option(None, "prompt: initialise the soft prompt from this text's token "
+                                                "embeddings (default: random vocabulary embeddings)", text(optional=True))
+    prefix_projection: int = option(0, "prefix: hidden size of the reparameterisation MLP used in training (0 = none)",
+                                    integer(0, 1 << 20))
+    adapter_size: int = option(64, "adapter: bottleneck width of the Houlsby adapters", integer(1, 1 << 20))
+    train_layers: str | None = option(None, "partial: train only these blocks, e.g. last:2, first:1, 0-3 or 1,5",
+                                      text(optional=True))
+    freeze: str | None = option(None, "partial: freeze parameters whose names match these comma-separated patterns "
+                                      "(fnmatch, e.g. tok_emb.*,blocks.0.*)", text(optional=True))
+    unfreeze: str | None = option(None, "partial: train parameters matching these patterns even if frozen otherwise",
+                                  text(optional=True))
+    layer_lr_decay: float = option(1.0, "full / partial: layer-wise lr decay: block i of n gets lr * decay^(n - i) "
+                                        "(1 = off; Howard & Ruder 2018, Clark et al. 2020)", number(above=0.0, max=1.0))
+    gradual_unfreeze: int = option(0, "full / partial: unfreeze one more block (from the top) every N steps "
+                                      "(0 = off; ULMFiT, Howard & Ruder 2018)", NONNEGATIVE)
+    double_quant: bool = option(True, "qlora: quantise the NF4 block scales again (double quantisation)", flag())
+    quant_block_size: int = option(64, "qlora: weights per NF4 block (one scale each)", integer(16, 4096))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,11 +179,29 @@ class TrainConfig:
             task.check_architecture(self.preset)
         task.check_settings(self)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        self._check_method(defaults)
         for name in OBJECTIVE_OPTIONS:
             if getattr(self, name) != defaults[name] and name not in task.options:
-                readers = [t for t, cls in _objective_tasks().items() if name in cls.options]
+                from llmkit.objectives import TASKS, task_names
+                readers = [t for t in task_names() if name in TASKS[t].options]
                 raise UserError(f"--{name.replace('_', '-')} is a setting of task {' or '.join(readers)}, which this "
                                 f"run ({self.task}) does not train: drop it or choose that objective")
+
+    def _check_method(self, defaults: dict[str, Any]) -> None:
+        """The fine-tuning method exists, its settings are usable, no other method's setting is given,
+        and a method that adapts a pretrained model has one (`init_from`)."""
+        from llmkit.peft import METHODS, get_method, method_names
+
+        method = get_method(self.method)
+        method.check_settings(self.to_dict())
+        if self.method != "full" and not self.init_from:
+            raise UserError(f"--method {self.method} fine-tunes a pretrained model: give --init-from MODEL (an llmkit "
+                            "or Hugging Face directory, or a llama2.c .bin)")
+        for name in METHOD_OPTIONS:
+            if getattr(self, name) != defaults[name] and name not in method.options:
+                readers = [m for m in method_names() if name in METHODS[m].options]
+                raise UserError(f"--{name.replace('_', '-')} is a setting of method {' or '.join(readers) or 'none'}, "
+                                f"not of --method {self.method}: drop it or choose that method")
 
     def model_overrides(self) -> dict[str, Any]:
         out = dict(self.model or {})
@@ -221,7 +300,7 @@ _PER_INVOCATION = ("resume", "force")
 # options that fix what the run's checkpoints are (the model's shape, the tokenizer, the task): a
 # resumed run keeps them; given with another value, --resume is refused rather than half-applied
 FIXED_ON_RESUME = ("task", "objective", "preset", "model", "n_layers", "d_model", "n_heads", "context_length",
-                   "tokenizer", "vocab_size", *OBJECTIVE_OPTIONS)
+                   "tokenizer", "vocab_size", "init_from", "method", *OBJECTIVE_OPTIONS, *METHOD_OPTIONS)
 
 
 def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:

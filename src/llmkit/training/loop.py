@@ -27,6 +27,8 @@ from llmkit.errors import TrainingDiverged, UserError
 from llmkit.model_io import assign_weights, non_finite, save_model
 from llmkit.objectives import Task, get_task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
+from llmkit.peft import Method, count_parameters, describe_trainable, get_method
+from llmkit.peft.files import save_adapter
 from llmkit.training import distributed as D
 from llmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmkit.training.config import TrainConfig
@@ -125,6 +127,7 @@ class Run:
     dtype: torch.dtype
     run_dir: Path
     task: Task
+    method: Method  # the fine-tuning method (`--method`): full training of a fresh model by default
     raw_model: torch.nn.Module  # the model itself: what is saved and clipped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -189,6 +192,10 @@ def set_up(cfg: TrainConfig) -> Run:
     task = get_task(cfg.task)(cfg)
     device, dtype = resolve_device(cfg)
     env = D.init_distributed(device.type)
+    if env.world > 1 and cfg.gradual_unfreeze:  # DDP registers the parameters that train when it wraps
+        D.shutdown(env)
+        raise UserError("--gradual-unfreeze runs in one process only: DDP would not synchronise the blocks that "
+                        "unfreeze later; drop it or train without torchrun")
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.out)
@@ -197,16 +204,24 @@ def set_up(cfg: TrainConfig) -> Run:
     undo = claim_run_dir(run_dir, replace) if env.is_main else None
     try:
         prepare_data(task, env, run_dir)
-        raw_model = task.build_model(device)
-        optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+        method = get_method(cfg.method)(method_options(cfg))
+        torch.manual_seed(cfg.seed)  # the method's new weights (LoRA's A) are a function of the seed
+        raw_model = method.apply(task.build_model(device)).to(device)
+        optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
+                                    groups=method.param_groups(raw_model, cfg.weight_decay))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        run = Run(cfg, env, device, dtype, run_dir, task, raw_model, optimizer, scaler, LogWindow(device))
+        run = Run(cfg, env, device, dtype, run_dir, task, method, raw_model, optimizer, scaler, LogWindow(device))
         resume(run)  # a checkpoint that does not fit the options fails here, before anything is written
     except BaseException:
         if undo is not None:
             undo()
         raise
     return run
+
+
+def method_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's options as the fine-tuning method reads them (it keeps those it declares)."""
+    return cfg.to_dict()
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -240,7 +255,10 @@ def resume(run: Run) -> None:
     if ckpt is None:
         return
     weights, saved = load_checkpoint(ckpt)
-    assign_weights(run.raw_model, weights, ckpt)
+    if run.method.saves_adapter:
+        load_trainable(run.raw_model, weights, ckpt)
+    else:
+        assign_weights(run.raw_model, weights, ckpt)
     run.optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
@@ -248,6 +266,34 @@ def resume(run: Run) -> None:
     run.window = LogWindow(run.device, saved.get("loss_window", 0.0), saved.get("metrics_window"),
                            saved.get("skipped_window", 0))
     run.resumed = True
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what an adapter run's checkpoints keep (the frozen base
+    is re-read from `init_from` on resume)."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy an adapter run's checkpointed parameters back in: exactly the trainable ones."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        odd = sorted(weights.keys() ^ params.keys())
+        raise UserError(f"checkpoint {source} holds other trainable tensors than this run's method builds "
+                        f"(first: {odd[0]!r}): resume with the options it was written with")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.dtype))
+
+
+def save_result(run: Run) -> None:
+    """Write what the run trained into its directory: an adapter run its adapter (peft format), a
+    full or partial fine-tune (or a fresh model) the whole model."""
+    if run.method.saves_adapter:
+        base = str(Path(run.cfg.init_from).resolve()) if run.cfg.init_from else None
+        save_adapter(run.raw_model, run.method, run.run_dir, base_model=base)
+    else:
+        save_model(run.raw_model, run.run_dir)
 
 
 def start(run: Run) -> None:
@@ -265,8 +311,12 @@ def start(run: Run) -> None:
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.progress.step if run.resumed else None)
         run.peak = peak_flops(run.device, run.dtype) * env.world
         if not run.resumed:
-            run.log.log(event="start", step=0, params=sum(p.numel() for p in raw.parameters()), world=env.world,
-                        device=str(run.device), dtype=str(run.dtype).removeprefix("torch."), **run.task.summary())
+            trainable, total = count_parameters(raw)
+            run.log.log(event="start", step=0, params=total, trainable_params=trainable, method=cfg.method,
+                        world=env.world, device=str(run.device), dtype=str(run.dtype).removeprefix("torch."),
+                        **run.task.summary())
+        if cfg.method != "full" or cfg.init_from:
+            print(f"{cfg.method}: {describe_trainable(raw)}", flush=True)
     run.bar = _progress(cfg, env, run.progress.step)
     run.window.restart_clock()
 
@@ -288,7 +338,8 @@ def train_step(run: Run) -> float:
     cfg, env, task, step = run.cfg, run.env, run.task, run.progress.step
     lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay scales a group's lr
+    run.method.on_step(run.raw_model, step)  # gradual unfreezing: a function of the step
     # dropout randomness as a function of (seed, step, rank): exact resume needs no RNG state
     torch.manual_seed(cfg.seed * 1_000_003 + step * env.world + env.rank)
     run.model.train()
@@ -462,8 +513,8 @@ def evaluate_and_keep_best(run: Run) -> bool:
                     **{f"val_{name}": value for name, value in metrics.items()})
         run.bar.write(f"step {p.step}: val loss {val_loss:.4f}" + ("" if ppl is None else f" (ppl {ppl:.2f})")
                       + ("" if improved else f", no improvement for {p.bad_evals} eval(s)"))
-        if improved:  # the run directory always holds the best model so far
-            save_model(run.raw_model, run.run_dir)
+        if improved:  # the run directory always holds the best model (or adapter) so far
+            save_result(run)
     return bool(cfg.patience and p.bad_evals >= cfg.patience)
 
 
@@ -512,7 +563,8 @@ def write_checkpoint(run: Run) -> None:
     """Model, optimizer, scaler, counters, log window and RNG as checkpoint `step-N` (atomically)."""
     state = {**asdict(run.progress), **run.window.state(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": torch.get_rng_state()}
-    save_checkpoint(run.run_dir, run.progress.step, run.raw_model, state, run.cfg.keep_checkpoints)
+    weights = trainable_state(run.raw_model) if run.method.saves_adapter else None
+    save_checkpoint(run.run_dir, run.progress.step, run.raw_model, state, run.cfg.keep_checkpoints, weights=weights)
 
 
 def save_on_interrupt(run: Run, whole_steps: bool = True) -> None:
@@ -539,7 +591,8 @@ def finish(run: Run) -> TrainResult:
         ensure_finite_weights(run)
     if run.env.is_main:
         if not run.task.has_validation:
-            save_model(run.raw_model, run.run_dir)
+            save_result(run)
+        run.task.final_model = run.raw_model
         scores = run.task.final_evaluation(run.run_dir, run.device)
         if scores:
             run.log.log(event="final", step=run.progress.step, **scores)

@@ -14,21 +14,20 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from llmkit.nn.weight_decay import decays, no_decay
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if hasattr(model, "lm_head") and getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        embeddings.add(id(model.lm_head.weight))
-    pos = getattr(model, "pos", None)
-    if pos is not None and isinstance(getattr(pos, "weight", None), nn.Parameter):
-        embeddings.add(id(pos.weight))
+    """[decayed, not decayed] groups of the trainable parameters (shared ones once), by the rule
+    of `llmkit.nn.weight_decay`."""
+    decay, no_decay_params, seen = [], [], set()
+    skip = no_decay(model)
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (decay if decays(p, skip) else no_decay_params).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay_params, "weight_decay": 0.0}]
 
 
 # optimizer class -> run(optimizer) -> True where it did the step, False (nothing touched) to decline
@@ -74,9 +73,14 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device_type: str) -> torch.optim.Optimizer:
+                    device_type: str, groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """AdamW; PyTorch's fused kernel where this PyTorch has it for the device (one launch for all
-    params); on CPU a registered fast path (llmkit.accel) may run the step."""
+    params); on CPU a registered fast path (llmkit.accel) may run the step. `groups`: parameter
+    groups of the caller's (a fine-tuning method's layer-wise learning rates), else `param_groups`."""
     fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
     extra = {"fused": True} if fused_ok and device_type in ("cuda", "cpu") else {}
-    return AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, **extra)
+    groups = param_groups(model, weight_decay) if groups is None else [g for g in groups if g["params"]]
+    if not any(g["params"] for g in groups):
+        from llmkit.errors import UserError
+        raise UserError("nothing to train: every parameter is frozen (check --method, --freeze, --train-layers)")
+    return AdamW(groups, lr=lr, betas=betas, **extra)

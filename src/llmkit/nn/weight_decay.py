@@ -1,0 +1,24 @@
+"""Which parameters AdamW's decoupled weight decay applies to (Loshchilov & Hutter 2019): the
+matrices that multiply. Norms, biases (1-d) and embeddings (token tables, learned positions, a
+head tied to them) are not decayed: decaying them only hurts. One rule for the optimizer's
+default groups (`llmkit.training.optim.param_groups`) and for a fine-tuning method's own groups
+(layer-wise learning rates, `llmkit.peft.partial`), wherever the body sits under a wrapper."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def no_decay(model: nn.Module) -> set[int]:
+    """ids of the matrices that are not weight-decayed: every embedding table and learned position
+    table in `model` (a head tied to the embedding is the same parameter)."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        pos = getattr(module, "pos", None)
+        if isinstance(pos, nn.Module) and isinstance(getattr(pos, "weight", None), nn.Parameter):
+            ids.add(id(pos.weight))
+    return ids
+
+
+def decays(p: nn.Parameter, skip: set[int]) -> bool:
+    """Whether weight decay applies to `p`: a matrix (2+ dims) not in `skip` (`no_decay`'s ids)."""
+    return p.dim() >= 2 and id(p) not in skip

@@ -1,0 +1,140 @@
+"""Adapter folders in the `peft` format: `adapter_config.json` + `adapter_model.safetensors`, so an
+adapter trained here loads in `peft` on the equivalent `transformers` model and one made by `peft`
+loads here (Mangrulkar et al., "PEFT", huggingface/peft).
+
+peft keys a tensor by the Hugging Face module path under `base_model.model.` plus the method's own
+suffix (`lora_A.weight`, `ia3_l`, ...); prompt and prefix tuning store `prompt_embeddings` alone.
+How llmkit's target names (`blocks.0.attn.q`) become Hugging Face module paths depends on the base
+model's family: a `Naming` found by the functions in `NAMINGS`, which `llmkit.interop.peft_format`
+registers (the families' tables know the names). A model no family describes keeps llmkit's names
+(`llmkit_names: true` in the config): llmkit reads it back; peft cannot.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from llmkit.errors import UserError
+from llmkit.peft.base import Method
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How one model's adapter keys read in peft: `to_hf(llmkit module path or target name)` ->
+    the Hugging Face module path (a UserError where there is none), and back."""
+
+    to_hf: Callable[[str], str]
+    from_hf: Callable[[str], str]
+    llmkit_names: bool = False
+
+
+IDENTITY = Naming(lambda name: name, lambda name: name, llmkit_names=True)
+# functions model -> Naming (None: not theirs), tried in order; llmkit.interop.peft_format adds its own
+NAMINGS: list[Callable[[nn.Module], Naming | None]] = []
+
+
+def naming_for(model: nn.Module) -> Naming:
+    """The first registered naming that knows `model`, else llmkit's own names."""
+    for find in NAMINGS:
+        naming = find(model)
+        if naming is not None:
+            return naming
+    return IDENTITY
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'blocks.0.attn.q.lora_A.weight' -> ('blocks.0.attn.q', 'lora_A.weight'): the module part ends
+    at the first component naming an adapter tensor (one that starts with a method's prefix)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "ia3_", "vera_", "hada_", "adapter_", "prompt_", "prefix_")):
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return key, ""
+
+
+def to_peft_key(key: str, naming: Naming) -> str:
+    """llmkit adapter key -> peft key (a key without a module part, e.g. prompt_embeddings, stays)."""
+    module, suffix = _split_key(key)
+    if not module:
+        return key
+    return PREFIX + naming.to_hf(module) + ("." + suffix if suffix else "")
+
+
+def from_peft_key(key: str, naming: Naming) -> str:
+    """peft key -> llmkit adapter key."""
+    if not key.startswith(PREFIX):
+        return key
+    module, suffix = _split_key(key[len(PREFIX):])
+    return naming.from_hf(module) + ("." + suffix if suffix else "")
+
+
+def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write the adapter of `model` (trained with `method`) into `directory`, atomically per file;
+    `target_modules` names the Hugging Face modules of the targets the method adapted."""
+    from llmkit.model_io import save_weights
+    from llmkit.utils import atomic_write_text
+
+    naming = naming_for(model)
+    tensors = {to_peft_key(k, naming): v.detach().contiguous() for k, v in method.adapter_tensors(model).items()}
+    modules = sorted({naming.to_hf(t.name).rsplit(".", 1)[-1] for t in method.targets})
+    config: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM",
+                              "inference_mode": True, **method.peft_config(modules)}
+    if naming.llmkit_names:
+        config["llmkit_names"] = True
+    config["llmkit_method"] = method.name
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(tensors, out / ADAPTER_WEIGHTS)
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json, the tensors) of a peft adapter folder; safetensors only (a pickled
+    adapter_model.bin is refused, with the fix)."""
+    from llmkit.model_io import load_weights
+    from llmkit.utils import read_json_object
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"adapter folder not found: {d}: pass the folder holding {ADAPTER_CONFIG}")
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{d} holds no {ADAPTER_CONFIG}: pass a peft adapter folder (or an llmkit fine-tuning run)")
+    config = read_json_object(d / ADAPTER_CONFIG)
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise UserError(f"{d} holds a pickled adapter_model.bin, which llmkit does not load: re-save it with "
+                            "peft's save_pretrained(..., safe_serialization=True)")
+        raise UserError(f"{d} holds no {ADAPTER_WEIGHTS}")
+    return config, load_weights(d / ADAPTER_WEIGHTS)
+
+
+def method_from_config(config: dict[str, Any], source: str) -> Method:
+    """The Method (with its options) an adapter_config.json describes."""
+    from llmkit.peft import get_method, method_for_peft_config
+
+    cls = get_method(config["llmkit_method"]) if config.get("llmkit_method") else method_for_peft_config(config)
+    try:
+        opts = cls.options_from_peft(config)
+    except KeyError as e:
+        raise UserError(f"{source}: adapter_config.json lacks {e.args[0]!r}") from None
+    return cls(opts)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, Method]:
+    """`model` with the adapter of `directory` applied and loaded: (the adapted model, its method)."""
+    config, tensors = read_adapter(directory)
+    method = method_from_config(config, str(directory))
+    naming = IDENTITY if config.get("llmkit_names") else naming_for(model)
+    adapted = method.apply(model)
+    method.load_adapter_tensors(adapted, {from_peft_key(k, naming): v for k, v in tensors.items()}, str(directory))
+    return adapted.eval(), method
