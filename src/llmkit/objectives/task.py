@@ -185,6 +185,7 @@ TASK_MODULES: dict[str, str] = {
     "contrastive": "llmkit.objectives.contrastive", "sft": "llmkit.objectives.sft",
     "classification": "llmkit.objectives.classification",
     "token-classification": "llmkit.objectives.token_classification",
+    "ner": "llmkit.objectives.token_classification",
 }
 
 

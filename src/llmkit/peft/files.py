@@ -12,6 +12,7 @@ registers (the families' tables know the names). A model no family describes kee
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -61,8 +62,14 @@ def _split_key(key: str) -> tuple[str, str]:
     return key, ""
 
 
+# tensors a method shares across the model, which peft keeps on the tuner itself (VeRA's projections)
+SHARED_KEYS = ("vera_A", "vera_B")
+
+
 def to_peft_key(key: str, naming: Naming) -> str:
     """llmkit adapter key -> peft key (a key without a module part, e.g. prompt_embeddings, stays)."""
+    if key in SHARED_KEYS:
+        return "base_model." + key
     module, suffix = _split_key(key)
     if not module:
         return key
@@ -71,10 +78,52 @@ def to_peft_key(key: str, naming: Naming) -> str:
 
 def from_peft_key(key: str, naming: Naming) -> str:
     """peft key -> llmkit adapter key."""
+    if key.startswith("base_model.") and key[len("base_model."):] in SHARED_KEYS:
+        return key[len("base_model."):]
     if not key.startswith(PREFIX):
         return key
     module, suffix = _split_key(key[len(PREFIX):])
     return naming.from_hf(module) + ("." + suffix if suffix else "")
+
+
+def peft_matches(name: str, patterns: str | list[str] | None, suffix_rule: str = "module") -> bool:
+    """Whether a Hugging Face module path is selected as `peft` selects it: a string is a regex
+    matched in full; a list matches by name (`suffix_rule` "module": the name or a ".name" ending,
+    as target_modules; "text": any ending, as IA3's feedforward_modules)."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    if suffix_rule == "text":
+        return any(name.endswith(p) for p in patterns)
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def shortest_ending(path: str, every: list[str], chosen: set[str], rule: str = "module") -> str:
+    """The shortest ending of `path` (whole dot-separated parts) that, matched as peft matches
+    (`peft_matches`), selects among `every` only paths in `chosen`."""
+    parts = path.split(".")
+    for k in range(1, len(parts) + 1):
+        ending = ".".join(parts[-k:])
+        if all(p in chosen for p in every if peft_matches(p, [ending], rule)):
+            return ending
+    return path
+
+
+def target_modules(model: nn.Module, names: list[str], naming: Naming) -> list[str]:
+    """peft's `target_modules` for the targets `names`: for each, the shortest ending of its Hugging
+    Face module path that selects exactly the targeted modules among all of the model's (GPT-2's
+    `mlp.c_proj`, not `c_proj`, which would take `attn.c_proj` too)."""
+    from llmkit.peft.targets import candidates
+
+    every = []
+    for t in candidates(model):
+        try:
+            every.append(naming.to_hf(t.name))
+        except UserError:  # no Hugging Face module of its own (a slice of a fused layer)
+            continue
+    chosen = {naming.to_hf(n) for n in names}
+    return sorted({shortest_ending(p, every, chosen) for p in chosen})
 
 
 def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_model: str | None = None) -> Path:
@@ -83,14 +132,17 @@ def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_m
     from llmkit.model_io import save_weights
     from llmkit.utils import atomic_write_text
 
-    naming = naming_for(model)
+    naming = naming_for(model) if method.peft_type is not None else IDENTITY  # no peft type: llmkit's own names
     tensors = {to_peft_key(k, naming): v.detach().contiguous() for k, v in method.adapter_tensors(model).items()}
-    modules = sorted({naming.to_hf(t.name).rsplit(".", 1)[-1] for t in method.targets})
+    modules = target_modules(model, [t.name for t in method.targets], naming)
     config: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM",
                               "inference_mode": True, **method.peft_config(modules)}
     if naming.llmkit_names:
         config["llmkit_names"] = True
-    config["llmkit_method"] = method.name
+    from llmkit.peft import method_for_peft_config
+
+    if method.peft_type is None or method_for_peft_config(config).name != method.name:
+        config["llmkit_method"] = method.name  # where peft's type alone would not say (adapter, qlora)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(tensors, out / ADAPTER_WEIGHTS)

@@ -197,6 +197,9 @@ class TrainConfig:
         if self.method != "full" and not self.init_from:
             raise UserError(f"--method {self.method} fine-tunes a pretrained model: give --init-from MODEL (an llmkit "
                             "or Hugging Face directory, or a llama2.c .bin)")
+        if self.pack and self.method in ("prefix", "prompt"):
+            raise UserError(f"--pack puts several samples in one row, which --method {self.method}'s virtual tokens "
+                            "cannot share: drop --pack (rows are padded instead)")
         for name in METHOD_OPTIONS:
             if getattr(self, name) != defaults[name] and name not in method.options:
                 readers = [m for m in method_names() if name in METHODS[m].options]

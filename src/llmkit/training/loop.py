@@ -205,6 +205,8 @@ def set_up(cfg: TrainConfig) -> Run:
     try:
         prepare_data(task, env, run_dir)
         method = get_method(cfg.method)(method_options(cfg))
+        method.tokenizer = getattr(task, "tokenizer", None)  # prompt tuning's init from text needs it
+        method.tokenizer_name = cfg.init_from if cfg.init_from and Path(cfg.init_from).is_dir() else None
         torch.manual_seed(cfg.seed)  # the method's new weights (LoRA's A) are a function of the seed
         raw_model = method.apply(task.build_model(device)).to(device)
         optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
