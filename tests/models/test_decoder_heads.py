@@ -139,3 +139,24 @@ def test_bad_pooling_and_non_decoder_are_user_errors():
         DecoderForSequenceClassification(_tiny_decoder(), 2, pooling="cls")
     with pytest.raises(UserError, match="DecoderLM"):
         DecoderForSequenceClassification(torch.nn.Linear(2, 2), 2)
+
+
+def test_a_saved_classifier_loads_back_as_itself(tmp_path):
+    """Kind "decoder-classifier": config.json holds the body's and the head's settings; load_model
+    rebuilds the same class with the same outputs."""
+    from llmkit.config import ModelConfig
+    from llmkit.model_io import save_model, load_model
+
+    cfg = ModelConfig(vocab_size=50, context_length=16, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
+                      position="rope", norm="rmsnorm", mlp="swiglu", d_ff=48, bias=False)
+    x = torch.randint(1, 50, (2, 7))
+    for model in (DecoderForSequenceClassification(DecoderLM(cfg), 3, pooling="mean", pad_id=0,
+                                                   id2label={"0": "neg", "1": "neu", "2": "pos"}),
+                  DecoderForTokenClassification(DecoderLM(cfg), 5)):
+        model.eval()
+        out = tmp_path / type(model).__name__
+        save_model(model, out)
+        again = load_model(out)
+        assert type(again) is type(model) and again.head_config() == model.head_config()
+        with torch.no_grad():
+            assert torch.equal(again(x), model(x))

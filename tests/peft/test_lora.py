@@ -192,7 +192,7 @@ def test_adapter_of_another_rank_is_refused(llama_pair, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("rank_pattern", {"q_proj": 2}), ("layers_to_transform", [0]),
-                                          ("modules_to_save", ["lm_head"]), ("target_modules", ".*q_proj"),
+                                          ("target_modules", ".*q_proj"),
                                           ("init_lora_weights", "olora"), ("bias", "all")])
 def test_peft_settings_llmkit_does_not_implement_are_refused(field, value):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], field: value}

@@ -94,7 +94,7 @@ def classify_zero_shot(req: Request) -> Scores:
 
 
 def classify_texts(req: Request) -> Scores:
-    """An encoder with a sequence-classification head: each `--text` tokenized with the model's
+    """An encoder with a sequence-classification head (or a decoder classifier): each `--text` tokenized with the model's
     tokenizer (padded batch), softmax over the head's logits."""
     import torch
 
@@ -103,8 +103,8 @@ def classify_texts(req: Request) -> Scores:
         raise UserError(f"{req.source} is a text classifier: pass --text (drop --image and --labels)")
     if not req.texts:
         raise UserError("nothing to classify: pass --text TEXT (repeat for several)")
-    if cfg.head != "sequence-classification":
-        raise UserError(f"{req.source} is an encoder with head {cfg.head!r}, not a sequence classifier: fine-tune one "
+    if cfg.head not in ("sequence-classification", "sequence"):  # an encoder's or a decoder classifier's
+        raise UserError(f"{req.source} is a model with head {cfg.head!r}, not a sequence classifier: fine-tune one "
                         "with a sequence-classification head")
     if req.tokenizer is None:
         raise UserError(f"{req.source} has no tokenizer: copy the tokenizer files into it")
@@ -113,7 +113,7 @@ def classify_texts(req: Request) -> Scores:
     if empty is not None:
         raise UserError(f"--text {empty!r} has no tokens to classify: drop empty texts")
     width = max(len(x) for x in ids)
-    pad = cfg.pad_token_id or 0
+    pad = getattr(cfg, "pad_token_id", None) or getattr(cfg, "pad_id", None) or 0
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=req.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=req.device)
     with torch.no_grad():
@@ -124,7 +124,8 @@ def classify_texts(req: Request) -> Scores:
 
 
 # kind name -> its classifier
-CLASSIFIERS: dict[str, Classifier] = {"vit": classify_images, "clip": classify_zero_shot, "encoder": classify_texts}
+CLASSIFIERS: dict[str, Classifier] = {"vit": classify_images, "clip": classify_zero_shot, "encoder": classify_texts,
+                                      "decoder-classifier": classify_texts}
 
 
 def register(sub) -> None:

@@ -58,15 +58,33 @@ def naming_of(fam: Family) -> files.Naming:
 
 
 def decoder_naming(model: nn.Module) -> files.Naming | None:
-    """The naming of a decoder's family (the one it would be exported as); None for other models."""
-    base = getattr(model, "base_model", model)
-    if type(base) is not DecoderLM and not isinstance(base, DecoderLM):
+    """The naming of a decoder's family (the one it would be exported as), for the decoder itself or
+    a model holding one (a classifier's `model`, a prompt-tuning wrapper's `base_model`: the body's
+    prefix goes, as transformers' *ForSequenceClassification keeps the body's names); modules
+    outside the body (a classifier's `score`) keep their names. None for models without a decoder."""
+    prefix = next((name for name, m in model.named_modules() if isinstance(m, DecoderLM)), None)
+    if prefix is None:
         return None
+    body = model.get_submodule(prefix) if prefix else model
     try:
-        fam = family_for_export(base.cfg, getattr(base, "hf_family", None))
+        fam = family_for_export(body.cfg)
     except UserError:
         return None
-    return naming_of(fam)
+    inner = naming_of(fam)
+    lead = prefix + "." if prefix else ""
+    outside = {name for name, _ in model.named_modules() if name and not name.startswith(lead)} if lead else set()
+
+    def to_hf(name: str) -> str:
+        if name in outside:  # a head of the wrapper: the same name in transformers (score)
+            return name
+        return inner.to_hf(name[len(lead):] if name.startswith(lead) else name)
+
+    def from_hf(name: str) -> str:
+        if name in outside:
+            return name
+        return lead + inner.from_hf(name)
+
+    return files.Naming(to_hf, from_hf)
 
 
 def register() -> None:

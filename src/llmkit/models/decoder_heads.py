@@ -24,13 +24,16 @@ saved classifier: `DecoderForSequenceClassification(DecoderLM(cfg), **head_confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 from llmkit.models.decoder import DecoderLM
+from llmkit.models.kinds import ModelKind, rebuild_position_tables, register_kind
 from llmkit.nn.linear import Linear
 
 SEQUENCE_POOLINGS = ("last", "mean")
@@ -92,9 +95,18 @@ class _DecoderHead(nn.Module):
         self.model = module
 
     @property
-    def cfg(self):
-        """The base decoder's config (without the LM head's settings)."""
-        return self.model.cfg
+    def cfg(self) -> "DecoderClassifierConfig":
+        """The base decoder's config (without the LM head's settings) with the head's: what
+        config.json holds for a saved classifier (kind "decoder-classifier"), built once."""
+        cfg = self.__dict__.get("_classifier_cfg")
+        if cfg is None:
+            head = "sequence" if isinstance(self, DecoderForSequenceClassification) else "token"
+            cfg = DecoderClassifierConfig(**dataclasses.asdict(self.model.cfg), head=head, **self.head_config())
+            self.__dict__["_classifier_cfg"] = cfg
+        return cfg
+
+    def head_config(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def hidden_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None,
@@ -193,5 +205,55 @@ class DecoderForTokenClassification(_DecoderHead):
         return self.score(self.dropout(hidden))
 
 
-__all__ = ["DecoderForSequenceClassification", "DecoderForTokenClassification", "SEQUENCE_POOLINGS",
+@dataclass
+class DecoderClassifierConfig(ModelConfig):
+    """A decoder under a classification head, as config.json stores it: the body's fields and the
+    head's (`head`: sequence or token; the rest as the two classes take them)."""
+
+    ARCHITECTURE: ClassVar[str] = "decoder-classifier"
+    KEY_LABEL: ClassVar[str] = "decoder classifier "
+    head: str = "sequence"
+    num_labels: int = 2
+    pooling: str = "last"
+    pad_id: int | None = None
+    id2label: dict[str, str] | None = None
+    classifier_dropout: float = 0.1
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def labels(self) -> list[str]:
+        """The class names in index order (`id2label`, else "LABEL_i")."""
+        names = self.id2label or {}
+        return [names.get(str(i), f"LABEL_{i}") for i in range(self.num_labels)]
+
+    @property
+    def score_function(self) -> str:
+        """How the logits become scores (`llmkit classify`): a softmax over the classes."""
+        return "softmax"
+
+    def body(self) -> ModelConfig:
+        """The decoder's own config."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+class DecoderClassifier(nn.Module):
+    """Builds the classifier a `DecoderClassifierConfig` describes (the model kind's class:
+    `DecoderClassifier(cfg)` returns a DecoderForSequenceClassification or ...TokenClassification)."""
+
+    def __new__(cls, cfg: DecoderClassifierConfig) -> "_DecoderHead":  # type: ignore[misc]
+        base = DecoderLM(cfg.body())
+        if cfg.head == "sequence":
+            return DecoderForSequenceClassification(base, cfg.num_labels, cfg.pooling, cfg.pad_id, cfg.id2label)
+        if cfg.head == "token":
+            return DecoderForTokenClassification(base, cfg.num_labels, cfg.classifier_dropout, cfg.id2label)
+        raise UserError(f"config: head {cfg.head!r} is not sequence or token")
+
+
+register_kind(ModelKind(name="decoder-classifier", config_class=DecoderClassifierConfig, model_class=DecoderClassifier,
+                        rebuild_buffers=lambda m: rebuild_position_tables(m.model)))
+
+
+__all__ = ["DecoderClassifier", "DecoderClassifierConfig", "DecoderForSequenceClassification", "DecoderForTokenClassification", "SEQUENCE_POOLINGS",
            "last_token_index", "pool_hidden", "real_token_mask", "take_lm_head"]

@@ -71,7 +71,7 @@ MODEL_KINDS: dict[str, ModelKind] = {}
 # kinds registered by their own module, imported on first lookup: name -> module
 KIND_MODULES: dict[str, str] = {
     "encoder": "llmkit.models.encoder", "t5": "llmkit.models.encoder_decoder", "vit": "llmkit.models.vit",
-    "clip": "llmkit.models.clip",
+    "clip": "llmkit.models.clip", "decoder-classifier": "llmkit.models.decoder_heads",
 }
 
 

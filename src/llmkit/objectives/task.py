@@ -103,6 +103,15 @@ class Task(ABC):
             return self.pretrained().to(device)
         return build_model(self.model_config, self.cfg.seed, device)
 
+    # peft's task_type of an adapter trained on this task (adapter_config.json): CAUSAL_LM, SEQ_CLS, TOKEN_CLS
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+
+    def new_modules(self, model: torch.nn.Module) -> list[str]:
+        """Module paths in `model` (as `build_model` returned it) that this task adds to the
+        pretrained model, e.g. a classification head: they train under every fine-tuning method and
+        an adapter is saved with them (peft's modules_to_save). Default: none."""
+        return []
+
     def pretrained(self) -> torch.nn.Module:
         """The model of `init_from` (read once, on the CPU, in fp32: the run's dtype is autocast's)."""
         if getattr(self, "_pretrained", None) is None:

@@ -388,6 +388,13 @@ class TokenClassificationTask(Task):
         encoding = sentence_encoding(tok)
         self._special = len(encoding.prefix), len(encoding.suffix)
 
+    peft_task_type = "TOKEN_CLS"
+
+    def new_modules(self, model: torch.nn.Module) -> list[str]:
+        """The token head (a decoder tagger's `score`, an encoder's `head`): it trains under every
+        fine-tuning method and is saved with an adapter (peft's modules_to_save)."""
+        return ["score"] if hasattr(model, "score") else ["head"]
+
     def build_model(self, device: torch.device) -> torch.nn.Module:
         """The pretrained model with a token head for the data's tags (`token_classifier`)."""
         return token_classifier(self.pretrained(), self.labels).to(device)

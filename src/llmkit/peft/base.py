@@ -44,6 +44,10 @@ class Method(ABC):
         self.check_settings(opts)
         self.opts = {name: opts[name] for name in self.options if name in opts}
         self.targets: list = []  # the `llmkit.peft.targets.Target`s `apply` adapted (named in adapter files)
+        # modules that train whole beside the adapter and are saved with it (peft's modules_to_save: a
+        # task's new classification head); the training loop sets them after `apply`
+        self.modules_to_save: list[str] = []
+        self.task_type = "CAUSAL_LM"  # peft's task_type for the adapter config (SEQ_CLS, TOKEN_CLS, ...)
 
     @classmethod
     def check_settings(cls, opts: Mapping[str, Any]) -> None:

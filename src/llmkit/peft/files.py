@@ -134,9 +134,14 @@ def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_m
 
     naming = naming_for(model) if method.peft_type is not None else IDENTITY  # no peft type: llmkit's own names
     tensors = {to_peft_key(k, naming): v.detach().contiguous() for k, v in method.adapter_tensors(model).items()}
+    for path in method.modules_to_save:  # whole modules beside the adapter, as peft keys them
+        for name, p in model.get_submodule(path).named_parameters():
+            tensors[PREFIX + naming.to_hf(path) + "." + name] = p.detach().contiguous()
     modules = target_modules(model, [t.name for t in method.targets], naming)
-    config: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM",
+    config: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": method.task_type,
                               "inference_mode": True, **method.peft_config(modules)}
+    if method.modules_to_save:
+        config["modules_to_save"] = sorted({naming.to_hf(path).rsplit(".", 1)[-1] for path in method.modules_to_save})
     if naming.llmkit_names:
         config["llmkit_names"] = True
     from llmkit.peft import method_for_peft_config
@@ -187,6 +192,25 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[nn.Module, Me
     config, tensors = read_adapter(directory)
     method = method_from_config(config, str(directory))
     naming = IDENTITY if config.get("llmkit_names") else naming_for(model)
+    saved_whole = set(config.get("modules_to_save") or ())
+    heads: dict[str, dict[str, torch.Tensor]] = {}  # module path -> its tensors (modules_to_save)
+    for key in [k for k in tensors if k.startswith(PREFIX)]:
+        module, _, name = key[len(PREFIX):].rpartition(".")
+        if module.rsplit(".", 1)[-1] in saved_whole:
+            try:
+                path = naming.from_hf(module)
+            except UserError:  # a module the model's layout does not have: named below
+                path = module
+            heads.setdefault(path, {})[name] = tensors.pop(key)
     adapted = method.apply(model)
+    for path, state in heads.items():
+        try:
+            module = adapted.get_submodule(path)
+        except AttributeError:
+            raise UserError(f"{directory}: the adapter saves module {path!r}, which this model lacks: load it on "
+                            "the model it was trained for (e.g. a classifier with its head)") from None
+        module.load_state_dict(state)
+        module.requires_grad_(True)
+    method.modules_to_save = list(heads)
     method.load_adapter_tensors(adapted, {from_peft_key(k, naming): v for k, v in tensors.items()}, str(directory))
     return adapted.eval(), method

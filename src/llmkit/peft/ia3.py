@@ -223,9 +223,6 @@ class IA3(Method):
 
     @classmethod
     def options_from_peft(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        if config.get("modules_to_save"):
-            raise UserError(f"the adapter also saves whole modules {config['modules_to_save']}, which llmkit's IA3 "
-                            "does not load: re-train without modules_to_save")
 
         def names(field: str) -> str | list[str] | None:
             value = config.get(field)

@@ -154,7 +154,7 @@ class AdaptedLinear(nn.Module):
 # peft config fields llmkit's adapters do not implement: an adapter setting one is refused (field -> what it does)
 UNREAD_LORA = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
                "layers_to_transform": "adapters on some layers only", "exclude_modules": "excluded modules",
-               "modules_to_save": "whole modules trained and saved", "target_parameters": "adapters on parameters",
+               "target_parameters": "adapters on parameters",
                "layer_replication": "replicated layers", "trainable_token_indices": "trained token embeddings"}
 
 

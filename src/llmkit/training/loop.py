@@ -208,7 +208,12 @@ def set_up(cfg: TrainConfig) -> Run:
         method.tokenizer = getattr(task, "tokenizer", None)  # prompt tuning's init from text needs it
         method.tokenizer_name = cfg.init_from if cfg.init_from and Path(cfg.init_from).is_dir() else None
         torch.manual_seed(cfg.seed)  # the method's new weights (LoRA's A) are a function of the seed
-        raw_model = method.apply(task.build_model(device)).to(device)
+        model = task.build_model(device)
+        heads = task.new_modules(model)  # a task's new head trains whatever the method
+        raw_model = method.apply(model).to(device)
+        if method.saves_adapter:
+            keep_training(raw_model, method, heads)
+            method.task_type = task.peft_task_type
         optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
                                     groups=method.param_groups(raw_model, cfg.weight_decay))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -219,6 +224,16 @@ def set_up(cfg: TrainConfig) -> Run:
             undo()
         raise
     return run
+
+
+def keep_training(model: torch.nn.Module, method: Method, heads: list[str]) -> None:
+    """Unfreeze the task's new modules `heads` in the adapted model (a wrapper may hold the task's
+    model as `base_model`) and have the method save them with its adapter."""
+    modules = dict(model.named_modules())
+    found = [h if h in modules else f"base_model.{h}" for h in heads]
+    for path in found:
+        modules[path].requires_grad_(True)
+    method.modules_to_save = found
 
 
 def method_options(cfg: TrainConfig) -> dict[str, Any]:
