@@ -119,3 +119,18 @@ def test_options_that_do_not_fit_the_method_are_refused(corpus, base, tmp_path):
         finetune(corpus, base, tmp_path / "x", method="full", rank=4, alpha=16.0, target_modules=None)
     with pytest.raises(UserError, match="fine-tunes a pretrained model: give --init-from"):
         build_train_config(data=str(corpus), out=str(tmp_path / "y"), method="lora")
+
+
+def test_replay_and_the_forgetting_report(corpus, base, tmp_path):
+    """--replay-data: the base's perplexity on its original text before and after fine-tuning is in
+    the final event (the `start` event keeps the before, which a resumed run reads back); --replay
+    mixes that text into the batches."""
+    run = tmp_path / "replay"
+    train(finetune(corpus, base, run, max_steps=6, eval_every=0, ckpt_every=3, replay=0.25, replay_data=str(corpus)))
+    records = MetricsLog.read(run / "metrics.jsonl")
+    start = next(r for r in records if r["event"] == "start")
+    final = next(r for r in records if r["event"] == "final")
+    assert final["replay_ppl_before"] == start["replay_ppl"] > 1
+    assert final["replay_ppl_ratio"] == pytest.approx(final["replay_ppl_after"] / final["replay_ppl_before"])
+    with pytest.raises(UserError, match="--replay-data FILE"):
+        finetune(corpus, base, tmp_path / "x", replay=0.5)

@@ -115,6 +115,35 @@ class Method(ABC):
         raise UserError(f"method {self.name!r} cannot be unmerged")
 
 
+class MergesWrappers:
+    """`merge` / `unmerge` for a method whose adapter lives in per-layer wrappers (`self.wrappers`:
+    module path -> a wrapper with `.base`, `merge()` and `unmerge()`; LoRA and its kin, IA3): merging
+    folds each into its base layer and puts the plain layer back (fast paths then apply), keeping the
+    wrappers for `unmerge`."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        from llmkit.peft.targets import replace_module
+
+        for path, wrapper in self.wrappers.items():
+            wrapper.merge()
+            replace_module(model, path, wrapper.base)
+        self.merged = True
+        return model
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        from llmkit.peft.targets import replace_module
+
+        if not self.merged:
+            raise UserError(f"the {self.name} adapter is not merged: nothing to unmerge")
+        for path, wrapper in self.wrappers.items():
+            if model.get_submodule(path) is not wrapper.base:
+                raise UserError(f"{path} is not the layer this adapter was merged into: unmerge the model it merged")
+            wrapper.unmerge()
+            replace_module(model, path, wrapper)
+        self.merged = False
+        return model
+
+
 def check_names(expected: Any, given: Any, source: str) -> None:
     """UserError naming the first missing or unexpected adapter tensor."""
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))

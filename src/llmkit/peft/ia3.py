@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import UserError
-from llmkit.peft.base import Method, check_names, check_shape, freeze, register_method
+from llmkit.peft.base import MergesWrappers, Method, check_names, check_shape, freeze, register_method
 from llmkit.peft.files import IDENTITY, Naming, naming_for, peft_matches, shortest_ending
 from llmkit.peft.targets import Target, candidates, find_targets, group_by_module, replace_module
 
@@ -100,7 +100,7 @@ class IA3Linear(nn.Module):
 
 
 @register_method("ia3")
-class IA3(Method):
+class IA3(MergesWrappers, Method):
     """(IA)^3 vectors on the target layers (default k, v and the MLP's down projection's input);
     see the module docstring."""
 
@@ -239,23 +239,3 @@ class IA3(Method):
                                  "exclude_modules": names("exclude_modules")}}
 
     # --- merge -------------------------------------------------------------------------------
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold every vector into its base weight and put the base layers back; the wrappers are kept
-        for `unmerge`."""
-        for path, wrapper in self.wrappers.items():
-            wrapper.merge()
-            replace_module(model, path, wrapper.base)
-        self.merged = True
-        return model
-
-    def unmerge(self, model: nn.Module) -> nn.Module:
-        if not self.merged:
-            raise UserError("the IA3 adapter is not merged: nothing to unmerge")
-        for path, wrapper in self.wrappers.items():
-            if model.get_submodule(path) is not wrapper.base:
-                raise UserError(f"{path} is not the layer this adapter was merged into: unmerge the model it merged")
-            wrapper.unmerge()
-            replace_module(model, path, wrapper)
-        self.merged = False
-        return model

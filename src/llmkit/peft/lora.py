@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.errors import UserError
-from llmkit.peft.base import Method, check_names, check_shape, freeze, register_method
+from llmkit.peft.base import MergesWrappers, Method, check_names, check_shape, freeze, register_method
 from llmkit.peft.targets import Target, find_targets, group_by_module, replace_module
 
 # TrainConfig's defaults, for callers that pass only some options
@@ -239,7 +239,7 @@ class LoRALinear(AdaptedLinear):
 
 
 @register_method("lora")
-class LoRA(Method):
+class LoRA(MergesWrappers, Method):
     """Low-rank adapters on the target linear layers (default q and v), base frozen; see the
     module docstring."""
 
@@ -361,24 +361,4 @@ class LoRA(Method):
     def _check_unmerged(self, what: str) -> None:
         if self.merged:
             raise UserError(f"cannot {what} the adapter while it is merged into the base weights: unmerge first")
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold each update into its base weight and put the base layers back (fast paths then apply);
-        the wrappers are kept for `unmerge`."""
-        for path, wrapper in self.wrappers.items():
-            wrapper.merge()
-            replace_module(model, path, wrapper.base)
-        self.merged = True
-        return model
-
-    def unmerge(self, model: nn.Module) -> nn.Module:
-        if not self.merged:
-            raise UserError("the adapter is not merged: nothing to unmerge")
-        for path, wrapper in self.wrappers.items():
-            if model.get_submodule(path) is not wrapper.base:
-                raise UserError(f"{path} is not the layer this adapter was merged into: unmerge the model it merged")
-            wrapper.unmerge()
-            replace_module(model, path, wrapper)
-        self.merged = False
-        return model
 

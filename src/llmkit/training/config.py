@@ -25,8 +25,7 @@ OBJECTIVES: dict[str, str] = {"clm": "causal-lm", "mlm": "masked-lm", "prefix-lm
 # options read by some objectives only (each task lists those it reads in `Task.options`)
 OBJECTIVE_OPTIONS = ("mask_rate", "whole_word_masking", "nsp", "noise_density", "mean_span_length", "ul2_mixture",
                      "augment", "source_lang", "target_lang", "pack", "pooling", "label_column", "text_column",
-                     "text_pair_column", "shots", "class_weights", "balanced_sampling", "token_dropout", "replay",
-                     "replay_data")
+                     "text_pair_column", "shots", "class_weights", "balanced_sampling", "token_dropout")
 # options read by some fine-tuning methods only (each method lists those it reads in `Method.options`)
 METHOD_OPTIONS = ("rank", "alpha", "adapter_dropout", "target_modules", "rslora", "lora_init", "virtual_tokens",
                   "prompt_init_text", "prefix_projection", "adapter_size", "train_layers", "freeze", "unfreeze",
@@ -66,7 +65,7 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1", number(0.0, below=1.0))
     beta2: float = option(0.99, "AdamW beta2", number(0.0, below=1.0))
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", number(0.0))
-    val_fraction: float = option(0.1, "fraction of the tokens held out for validation", number(0.0, below=1.0))
+    val_fraction: float = option(0.1, "fraction of the tokens (sft, classification: of the rows) held out for validation", number(0.0, below=1.0))
     eval_every: int = option(250, "evaluate on the validation split every N steps (0 = only at the end)", NONNEGATIVE)
     eval_batches: int = option(20, "validation batches per evaluation", integer(1, 1 << 20))
     patience: int = option(0, "early stopping: evaluations without improvement before stopping (0 = off)", NONNEGATIVE)
@@ -107,7 +106,7 @@ class TrainConfig:
                                           text(optional=True))
     shots: str | None = option(None, "classification: train on k examples per class; a list (1,4,16) trains once per "
                                      "k and plots the curve", text(optional=True))
-    class_weights: str = option("none", "classification: weight the loss per class: none, balanced (inverse frequency)",
+    class_weights: str = option("none", "classification / ner: weight the loss per class: none, balanced (inverse frequency)",
                                 one_of("none", "balanced"))
     balanced_sampling: bool = option(False, "classification: draw training rows class-balanced", flag())
     token_dropout: float = option(0.0, "classification / ner / sft augmentation: share of input tokens replaced by "
@@ -120,7 +119,7 @@ class TrainConfig:
     rank: int = option(8, "lora / dora / qlora / vera: rank r of the update", integer(1, 1 << 16))
     alpha: float = option(16.0, "lora / dora / qlora: scaling alpha (the update is scaled by alpha / r, or "
                                 "alpha / sqrt(r) with --rslora)", number(above=0.0, max=1e6))
-    adapter_dropout: float = option(0.0, "lora / dora / qlora / vera / adapter: dropout on the adapter's input",
+    adapter_dropout: float = option(0.0, "lora / dora / qlora / vera: dropout on the adapter's input (adapter: on its output)",
                                     number(0.0, below=1.0))
     target_modules: str | None = option(None, "lora / dora / qlora / ia3 / vera: modules to adapt, e.g. q,v or "
                                               "q_proj,v_proj or all-linear (default: the method's)", text(optional=True))
@@ -197,6 +196,11 @@ class TrainConfig:
         if self.method != "full" and not self.init_from:
             raise UserError(f"--method {self.method} fine-tunes a pretrained model: give --init-from MODEL (an llmkit "
                             "or Hugging Face directory, or a llama2.c .bin)")
+        if self.replay > 0 and not self.replay_data:
+            raise UserError("--replay mixes the base model's original text into the batches: give that text with "
+                            "--replay-data FILE")
+        if self.replay_data and not Path(self.replay_data).is_file():
+            raise UserError(f"--replay-data {self.replay_data} is not a file: give the text the base model was trained on")
         if self.pack and self.method in ("prefix", "prompt"):
             raise UserError(f"--pack puts several samples in one row, which --method {self.method}'s virtual tokens "
                             "cannot share: drop --pack (rows are padded instead)")

@@ -32,6 +32,7 @@ from llmkit.peft.files import save_adapter
 from llmkit.training import distributed as D
 from llmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmkit.training.config import TrainConfig
+from llmkit.training.forgetting import ReplayMixer, forgetting_report, perplexity
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
 from llmkit.training.optim import build_optimizer, clip_grad_norm_
 from llmkit.training.run_dir import check_run_dir, claim_run_dir
@@ -150,6 +151,8 @@ class Run:
     val_loss: float | None = None
     tokens_per_second: float = 0.0
     stopped_early: bool = False
+    replay: ReplayMixer | None = None  # --replay: rows of the base model's text mixed into each batch
+    replay_ppl_before: float | None = None  # --replay-data: the base model's perplexity on it, before training
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -219,6 +222,8 @@ def set_up(cfg: TrainConfig) -> Run:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         run = Run(cfg, env, device, dtype, run_dir, task, method, raw_model, optimizer, scaler, LogWindow(device))
         resume(run)  # a checkpoint that does not fit the options fails here, before anything is written
+        if cfg.replay > 0:
+            run.replay = ReplayMixer.from_text(cfg.replay_data, task.tokenizer, cfg.replay, cfg.seed)
     except BaseException:
         if undo is not None:
             undo()
@@ -327,10 +332,15 @@ def start(run: Run) -> None:
         cfg.save(run.run_dir / "train_config.json")
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.progress.step if run.resumed else None)
         run.peak = peak_flops(run.device, run.dtype) * env.world
+        if cfg.replay_data:  # forgetting: the base's perplexity on its own text before training (kept in `start`)
+            run.replay_ppl_before = (perplexity(raw, run.task.tokenizer, cfg.replay_data) if not run.resumed else
+                                     next((r.get("replay_ppl") for r in MetricsLog.read(run.run_dir / "metrics.jsonl")
+                                           if r.get("event") == "start"), None))
         if not run.resumed:
             trainable, total = count_parameters(raw)
             run.log.log(event="start", step=0, params=total, trainable_params=trainable, method=cfg.method,
                         world=env.world, device=str(run.device), dtype=str(run.dtype).removeprefix("torch."),
+                        **({"replay_ppl": run.replay_ppl_before} if run.replay_ppl_before is not None else {}),
                         **run.task.summary())
         if cfg.method != "full" or cfg.init_from:
             print(f"{cfg.method}: {describe_trainable(raw)}", flush=True)
@@ -364,6 +374,8 @@ def train_step(run: Run) -> float:
     metric_sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         batch = task.train_batch(step, micro, cfg.batch_size, env.rank, env.world, cfg.grad_accum)
+        if run.replay is not None:  # a share of the rows: windows of the base model's original text
+            batch = run.replay.mix(batch, step, micro, env.rank, env.world, cfg.grad_accum)
         batch = task.to_device(batch, run.device, non_blocking=True)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if not env.enabled or last else run.model.no_sync():
@@ -611,6 +623,9 @@ def finish(run: Run) -> TrainResult:
             save_result(run)
         run.task.final_model = run.raw_model
         scores = run.task.final_evaluation(run.run_dir, run.device)
+        if run.replay_ppl_before is not None:  # how much of the original text the model forgot
+            after = perplexity(run.raw_model, run.task.tokenizer, run.cfg.replay_data)
+            scores = {**scores, **forgetting_report(run.replay_ppl_before, after)}
         if scores:
             run.log.log(event="final", step=run.progress.step, **scores)
             print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
