@@ -92,3 +92,35 @@ def test_an_empty_or_new_folder_is_fine(capsys, corpus, tmp_path):
     for out in (tmp_path / "empty", tmp_path / "new" / "deeper"):
         code, _, err = run_cli(capsys, *_tokenizer_train(corpus, out))
         assert code == 0, err
+
+
+def _finetune(corpus, out, base):
+    return ["finetune", str(base), "--data", str(corpus), "--out", str(out), "--context-length", "32", "--batch-size",
+            "4", "--eval-batches", "2", "--no-progress", "--max-steps", "2", "--eval-every", "0"]
+
+
+@pytest.mark.parametrize("what", ["model", "tokenizer", "old run", "other files"])
+def test_finetune_does_not_replace_existing_work_without_the_flag(what, capsys, corpus, holdings):
+    """`llmkit finetune` is `train --init-from`: the same run-directory rule."""
+    target = holdings[what]
+    before = snapshot(target)
+    code, _, err = run_cli(capsys, *_finetune(corpus, target, holdings["run"]))
+    assert_one_line_error(code, err, WORDS[what])
+    assert "--force" in err
+    assert snapshot(target) == before
+
+
+def test_merge_refuses_a_non_empty_out_and_writes_with_the_flag(capsys, corpus, holdings, tmp_path):
+    adapter = tmp_path / "lora"
+    code, _, err = run_cli(capsys, *_finetune(corpus, adapter, holdings["run"]))
+    assert code == 0, err
+    target = holdings["other files"]
+    before = snapshot(target)
+    merge = ["merge", str(holdings["run"]), "--adapter", str(adapter), "--out", str(target)]
+    code, _, err = run_cli(capsys, *merge)
+    assert_one_line_error(code, err, "--force")
+    assert snapshot(target) == before
+    code, _, err = run_cli(capsys, *merge, "--force")
+    assert code == 0, err
+    assert {p.name for p in target.iterdir()} >= {"config.json", "model.safetensors"}
+    assert not (target / "thesis.txt").exists()

@@ -37,10 +37,12 @@ def _verbs(corpus, run_dir, bpe, out) -> dict[str, list[str]]:
         "data prepare": ["data", "prepare", str(corpus), "--tokenizer", str(bpe), "--out", str(out), "--workers", "1",
                          "--quiet"],
         "demo": ["demo", "--data", str(corpus), "--out", str(out), "--max-steps", "2", "--no-progress"],
+        "finetune": ["finetune", str(run_dir), "--data", str(corpus), "--out", str(out), "--context-length", "32",
+                     "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--no-progress"],
     }
 
 
-VERBS = ["train", "tokenizer train", "convert", "convert to hf", "data prepare", "demo"]
+VERBS = ["train", "tokenizer train", "convert", "convert to hf", "data prepare", "demo", "finetune"]
 # the file-size limit for each case: 2 kB stops the first sizeable write; 600 kB lets the tiny
 # model's weights (~400 kB) through and stops torch.save of the trainer state (weights + AdamW moments)
 LIMITS = {**{verb: 2048 for verb in VERBS}, "train, at the trainer state": 600_000}

@@ -171,7 +171,9 @@ class CausalLMTask(TokenStreamTask):
             self.model_config = self.pretrained().cfg
         else:
             self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
-        context = self.model_config.context_length
+        # windows of the model's context, or shorter where --context-length asks (a pretrained model's own)
+        context = min(cfg.context_length or self.model_config.context_length, self.model_config.context_length)
+        self.window = context
         train_tokens, val_tokens = train_val_split(self.tokens, cfg.val_fraction, context)
         self.train_data = WindowSampler(train_tokens, context, cfg.seed)
         self.val_data = WindowSampler(val_tokens, context, cfg.seed) if cfg.val_fraction > 0 else None
@@ -183,7 +185,7 @@ class CausalLMTask(TokenStreamTask):
     @property
     def tokens_per_example(self) -> int:
         """One window: `context_length` predicted tokens."""
-        return self.model_config.context_length
+        return self.window
 
     @property
     def has_validation(self) -> bool:

@@ -117,7 +117,10 @@ class Task(ABC):
         if getattr(self, "_pretrained", None) is None:
             from llmkit.model_io import load_pretrained
 
-            self._pretrained = load_pretrained(self.cfg.init_from, dtype=torch.float32).train()
+            model = load_pretrained(self.cfg.init_from, dtype=torch.float32).train()
+            if getattr(self.cfg, "dropout", None) is not None:  # --dropout: the fine-tune's rate
+                set_dropout(model, self.cfg.dropout)
+            self._pretrained = model
         return self._pretrained
 
     def summary(self) -> dict[str, Any]:
@@ -172,6 +175,21 @@ class Task(ABC):
     def flops_per_token(self, model: torch.nn.Module) -> float:
         """Training FLOPs per token of `model` on this task's examples (for MFU)."""
         return model.flops_per_token(self.tokens_per_example)
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> None:
+    """Every dropout of `model` at `rate`: its nn.Dropout modules, the attention weights' rate (a
+    float `dropout` attribute) and the config's `dropout` field, so a saved model says so too."""
+    import dataclasses
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = rate
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = rate
+        cfg = m.__dict__.get("cfg")
+        if dataclasses.is_dataclass(cfg) and hasattr(cfg, "dropout"):
+            m.cfg = dataclasses.replace(cfg, dropout=rate)
 
 
 def move_to(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:

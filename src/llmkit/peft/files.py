@@ -126,6 +126,15 @@ def target_modules(model: nn.Module, names: list[str], naming: Naming) -> list[s
     return sorted({shortest_ending(p, every, chosen) for p in chosen})
 
 
+def _named(model: nn.Module, method: Method, naming: Naming) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the adapter's tensors by peft key, target_modules), named by `naming`."""
+    tensors = {to_peft_key(k, naming): v.detach().contiguous() for k, v in method.adapter_tensors(model).items()}
+    for path in method.modules_to_save:  # whole modules beside the adapter, as peft keys them
+        for name, p in model.get_submodule(path).named_parameters():
+            tensors[PREFIX + naming.to_hf(path) + "." + name] = p.detach().contiguous()
+    return tensors, target_modules(model, [t.name for t in method.targets], naming)
+
+
 def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_model: str | None = None) -> Path:
     """Write the adapter of `model` (trained with `method`) into `directory`, atomically per file;
     `target_modules` names the Hugging Face modules of the targets the method adapted."""
@@ -133,11 +142,11 @@ def save_adapter(model: nn.Module, method: Method, directory: str | Path, base_m
     from llmkit.utils import atomic_write_text
 
     naming = naming_for(model) if method.peft_type is not None else IDENTITY  # no peft type: llmkit's own names
-    tensors = {to_peft_key(k, naming): v.detach().contiguous() for k, v in method.adapter_tensors(model).items()}
-    for path in method.modules_to_save:  # whole modules beside the adapter, as peft keys them
-        for name, p in model.get_submodule(path).named_parameters():
-            tensors[PREFIX + naming.to_hf(path) + "." + name] = p.detach().contiguous()
-    modules = target_modules(model, [t.name for t in method.targets], naming)
+    try:
+        tensors, modules = _named(model, method, naming)
+    except UserError:  # a target with no Hugging Face module of its own (q of GPT-2's fused c_attn): llmkit's names
+        naming = IDENTITY
+        tensors, modules = _named(model, method, naming)
     config: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": method.task_type,
                               "inference_mode": True, **method.peft_config(modules)}
     if method.modules_to_save:

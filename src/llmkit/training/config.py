@@ -196,6 +196,12 @@ class TrainConfig:
         if self.method != "full" and not self.init_from:
             raise UserError(f"--method {self.method} fine-tunes a pretrained model: give --init-from MODEL (an llmkit "
                             "or Hugging Face directory, or a llama2.c .bin)")
+        # the context is the window / sample length, the dropout the fine-tune's: they apply to a pretrained model
+        shaping = [k for k in self.model_overrides() if k not in ("context_length", "dropout")]
+        if self.init_from and shaping:
+            name = shaping[0]
+            raise UserError(f"--{name.replace('_', '-')} shapes a new model, and --init-from {self.init_from} brings its own "
+                            "shape: drop it (a fine-tune keeps the pretrained model's shape)")
         if self.replay > 0 and not self.replay_data:
             raise UserError("--replay mixes the base model's original text into the batches: give that text with "
                             "--replay-data FILE")
