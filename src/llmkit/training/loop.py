@@ -153,6 +153,7 @@ class Run:
     stopped_early: bool = False
     replay: ReplayMixer | None = None  # --replay: rows of the base model's text mixed into each batch
     replay_ppl_before: float | None = None  # --replay-data: the base model's perplexity on it, before training
+    replay_window: int = 0  # the windows that perplexity scores (the same after training)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -213,6 +214,8 @@ def set_up(cfg: TrainConfig) -> Run:
         torch.manual_seed(cfg.seed)  # the method's new weights (LoRA's A) are a function of the seed
         model = task.build_model(device)
         heads = task.new_modules(model)  # a task's new head trains whatever the method
+        before = base_perplexity(cfg, env, task, model, run_dir)  # forgetting: measured on the base itself
+        window = replay_context(cfg, model)
         raw_model = method.apply(model).to(device)
         if method.saves_adapter:
             keep_training(raw_model, method, heads)
@@ -221,6 +224,7 @@ def set_up(cfg: TrainConfig) -> Run:
                                     groups=method.param_groups(raw_model, cfg.weight_decay))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         run = Run(cfg, env, device, dtype, run_dir, task, method, raw_model, optimizer, scaler, LogWindow(device))
+        run.replay_ppl_before, run.replay_window = before, window
         resume(run)  # a checkpoint that does not fit the options fails here, before anything is written
         if cfg.replay > 0:
             run.replay = ReplayMixer.from_text(cfg.replay_data, task.tokenizer, cfg.replay, cfg.seed)
@@ -229,6 +233,21 @@ def set_up(cfg: TrainConfig) -> Run:
             undo()
         raise
     return run
+
+
+def replay_context(cfg: TrainConfig, model: torch.nn.Module) -> int:
+    """The window the forgetting perplexity scores, the same before and after: the base's context,
+    less the virtual tokens prompt and prefix tuning put in front of every input."""
+    virtual = cfg.virtual_tokens if cfg.method in ("prompt", "prefix") else 0
+    return model.cfg.context_length - virtual
+
+
+def base_perplexity(cfg: TrainConfig, env: D.DistEnv, task: Task, model: torch.nn.Module, run_dir: Path) -> float | None:
+    """With --replay-data, on rank 0 of a new run: the base model's perplexity on its original text,
+    before any method touches it (a resumed run reads it back from its `start` event instead)."""
+    if not cfg.replay_data or not env.is_main or (cfg.resume and latest_checkpoint(run_dir) is not None):
+        return None
+    return perplexity(model, task.tokenizer, cfg.replay_data, context=replay_context(cfg, model))
 
 
 def keep_training(model: torch.nn.Module, method: Method, heads: list[str]) -> None:
@@ -332,10 +351,9 @@ def start(run: Run) -> None:
         cfg.save(run.run_dir / "train_config.json")
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.progress.step if run.resumed else None)
         run.peak = peak_flops(run.device, run.dtype) * env.world
-        if cfg.replay_data:  # forgetting: the base's perplexity on its own text before training (kept in `start`)
-            run.replay_ppl_before = (perplexity(raw, run.task.tokenizer, cfg.replay_data) if not run.resumed else
-                                     next((r.get("replay_ppl") for r in MetricsLog.read(run.run_dir / "metrics.jsonl")
-                                           if r.get("event") == "start"), None))
+        if cfg.replay_data and run.resumed:  # the base's perplexity before training, kept in the `start` event
+            run.replay_ppl_before = next((r.get("replay_ppl") for r in MetricsLog.read(run.run_dir / "metrics.jsonl")
+                                          if r.get("event") == "start"), None)
         if not run.resumed:
             trainable, total = count_parameters(raw)
             run.log.log(event="start", step=0, params=total, trainable_params=trainable, method=cfg.method,
@@ -624,7 +642,8 @@ def finish(run: Run) -> TrainResult:
         run.task.final_model = run.raw_model
         scores = run.task.final_evaluation(run.run_dir, run.device)
         if run.replay_ppl_before is not None:  # how much of the original text the model forgot
-            after = perplexity(run.raw_model, run.task.tokenizer, run.cfg.replay_data)
+            after = perplexity(run.raw_model, run.task.tokenizer, run.cfg.replay_data,
+                               context=run.replay_window)
             scores = {**scores, **forgetting_report(run.replay_ppl_before, after)}
         if scores:
             run.log.log(event="final", step=run.progress.step, **scores)

@@ -2,6 +2,8 @@
 utilisation against the device's peak."""
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import time
@@ -18,6 +20,7 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12, "V100": 125e12}
 
 
+@functools.lru_cache(maxsize=None)  # measured once per process (a search runs many trainings)
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The device's peak: a data-sheet figure for known GPUs, else a measured large matmul rate."""
     if device.type == "cuda":
