@@ -196,6 +196,9 @@ class TrainConfig:
         if self.method != "full" and not self.init_from:
             raise UserError(f"--method {self.method} fine-tunes a pretrained model: give --init-from MODEL (an llmkit "
                             "or Hugging Face directory, or a llama2.c .bin)")
+        if self.init_from and not self.resume and not Path(self.init_from).exists():
+            raise UserError(f"--init-from {self.init_from} does not exist: give a model directory (llmkit or Hugging Face) "
+                            "or a llama2.c .bin")
         # the context is the window / sample length, the dropout the fine-tune's: they apply to a pretrained model
         shaping = [k for k in self.model_overrides() if k not in ("context_length", "dropout")]
         if self.init_from and shaping:
