@@ -86,9 +86,13 @@ def test_stories260k_exported_to_hf_matches_in_transformers_and_loads_back(stori
     assert lm.generate("", max_new_tokens=199, temperature=0).startswith(REFERENCE)
 
 
-def test_llmkit_load_of_a_llama2c_file_says_to_convert_it_first(stories):
+def test_llmkit_load_of_a_llama2c_file_takes_the_tokenizer_beside_it_or_says_to_convert(stories, tmp_path):
+    lm = llmkit.load(stories / "stories260K.bin")  # tok512.model beside it: loads with it
+    assert lm.tokenizer.vocab_size == 512 and lm.generate("Once", max_new_tokens=3, temperature=0)
+    alone = tmp_path / "stories260K.bin"
+    alone.symlink_to(stories / "stories260K.bin")
     with pytest.raises(UserError, match="llmkit convert .*--tokenizer"):
-        llmkit.load(stories / "stories260K.bin")
+        llmkit.load(alone)
 
 
 def test_truncated_llama2c_file_names_both_sizes(stories, tmp_path):

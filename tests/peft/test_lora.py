@@ -91,19 +91,21 @@ def test_block_rows_places_each_slice_in_its_rows_and_columns():
 
 def test_merge_equals_unmerged_and_unmerge_restores(llama_pair, ids):
     w0 = llama_pair.ours.blocks[1].attn.qkv.weight.detach().clone()
+    torch.manual_seed(0)  # A's Kaiming init draws from the global generator
     method = lora(rank=4, target_modules="all-linear", rslora=True)
     model = method.apply(llama_pair.ours)
     randomize(model)
     unmerged = logits(model, ids)
     merged_model = method.merge(model)
     assert type(merged_model.blocks[1].attn.qkv) is Linear and type(merged_model.blocks[1].mlp.down) is Linear
-    assert max_diff(logits(merged_model, ids), unmerged) < TOL
+    scale = max(1.0, unmerged.abs().max().item())  # fp32 rounding of W + sBA grows with the logits' size
+    assert max_diff(logits(merged_model, ids), unmerged) < TOL * scale
     with pytest.raises(UserError, match="unmerge first"):
         method.adapter_tensors(merged_model)
     model = method.unmerge(merged_model)
     assert isinstance(model.blocks[1].attn.qkv, LoRALinear)
     assert max_diff(model.blocks[1].attn.qkv.base.weight, w0) < 1e-6
-    assert max_diff(logits(model, ids), unmerged) < TOL
+    assert max_diff(logits(model, ids), unmerged) < TOL * scale
 
 
 def peft_lora(hf, config, seed=0):

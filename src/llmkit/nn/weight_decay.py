@@ -9,13 +9,18 @@ from torch import nn
 
 
 def no_decay(model: nn.Module) -> set[int]:
-    """ids of the matrices that are not weight-decayed: every embedding table and learned position
-    table in `model` (a head tied to the embedding is the same parameter)."""
+    """ids of the matrices that are not weight-decayed: every embedding table in `model` (a head
+    tied to the embedding is the same parameter) and the learned position table of the model, or of
+    the body a wrapper holds as `base_model` (a decoder classifier's, an adapter wrapper's). Position
+    tables nested elsewhere (CLIP's towers) are decayed, as they always were here."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in model.modules():
-        pos = getattr(module, "pos", None)
+    body, seen = model, set()
+    while isinstance(body, nn.Module) and id(body) not in seen:
+        seen.add(id(body))
+        pos = getattr(body, "pos", None)
         if isinstance(pos, nn.Module) and isinstance(getattr(pos, "weight", None), nn.Parameter):
             ids.add(id(pos.weight))
+        body = getattr(body, "base_model", None)
     return ids
 
 

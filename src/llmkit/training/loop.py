@@ -215,7 +215,7 @@ def set_up(cfg: TrainConfig) -> Run:
         model = task.build_model(device)
         heads = task.new_modules(model)  # a task's new head trains whatever the method
         before = base_perplexity(cfg, env, task, model, run_dir)  # forgetting: measured on the base itself
-        window = replay_context(cfg, model)
+        window = replay_context(cfg, model) if cfg.replay_data else 0
         raw_model = method.apply(model).to(device)
         if method.saves_adapter:
             keep_training(raw_model, method, heads)
