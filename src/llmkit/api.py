@@ -137,6 +137,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     path = Path(path)
     if adapter is None and is_adapter_dir(path):
         adapter, path = path, adapter_base(path)
+    elif adapter is not None:
+        warn_if_other_base(adapter, path)
     if path.is_file() and path.suffix == ".bin":  # a llama2.c checkpoint with its tokenizer .model beside it
         from llmkit.interop.dtypes import parse_dtype
         from llmkit.model_io import load_pretrained, pretrained_tokenizer
@@ -176,6 +178,21 @@ def adapter_base(adapter: str | Path) -> Path:
     return Path(base)
 
 
+def warn_if_other_base(adapter: str | Path, base: Path) -> None:
+    """One warning line (stderr) when the adapter's config names another base model that is on this
+    machine: an adapter of the same shapes loads onto any base, and the outputs are then not the
+    trained ones (a merged copy of its own base would apply it twice)."""
+    import sys
+
+    from llmkit.peft.files import read_adapter
+
+    config, _ = read_adapter(adapter)
+    named = config.get("base_model_name_or_path")
+    if named and Path(named).exists() and Path(named).resolve() != base.resolve():
+        print(f"warning: adapter {adapter} was trained on {named}, not {base}: its outputs here are not the trained "
+              "ones unless the two models are the same", file=sys.stderr)
+
+
 def apply_adapter(model: torch.nn.Module, adapter: str | Path, merge: bool = True) -> torch.nn.Module:
     """`model` with the adapter of folder `adapter` applied (merged where exact and `merge`)."""
     from llmkit.peft.files import load_adapter
@@ -204,6 +221,7 @@ def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, force
     for src in (model, Path(adapter)):
         _check_apart(src, out)
     _prepare_out(out, force)
+    warn_if_other_base(adapter, model)
     lm = load(model, dtype=dtype, tokenizer=None, merge=False)
     stored = next(lm.model.parameters()).dtype
     adapted, method = load_adapter(lm.model.float(), adapter)

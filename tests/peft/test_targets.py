@@ -54,3 +54,8 @@ def test_gpt2_fuses_qkv_in_c_attn():
         "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
     with pytest.raises(UserError, match="no Hugging Face module in the gpt2 layout"):
         to_peft_key("blocks.0.attn.q.lora_A.weight", naming)
+
+
+def test_gpt2_c_proj_is_both_out_projections_as_peft_matches_it():
+    model = DecoderLM(ModelConfig(vocab_size=50, context_length=16, n_layers=1, d_model=32, n_heads=4))
+    assert [t.name for t in find_targets(model, "c_proj")] == ["blocks.0.attn.proj", "blocks.0.mlp.down"]

@@ -134,3 +134,32 @@ def test_replay_and_the_forgetting_report(corpus, base, tmp_path):
     assert final["replay_ppl_ratio"] == pytest.approx(final["replay_ppl_after"] / final["replay_ppl_before"])
     with pytest.raises(UserError, match="--replay-data FILE"):
         finetune(corpus, base, tmp_path / "x", replay=0.5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_other_methods_run_through_the_loop_and_load_back(method, corpus, base, tmp_path):
+    """Prompt tuning's wrapper (no flops count of its own) and IA3 train as causal-lm fine-tunes and
+    their adapters load back on the base with the same outputs as in training."""
+    run = tmp_path / method
+    opts = dict(method=method, rank=8, alpha=16.0, target_modules=None)
+    if method == "prompt":
+        opts["virtual_tokens"] = 4
+    train(finetune(corpus, base, run, max_steps=3, eval_every=0, **opts))
+    assert (run / "adapter_config.json").is_file()
+    adapted = load(base, adapter=run)
+    x = torch.randint(0, 40, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(adapted.model(x)).all()
+
+
+def test_an_adapter_on_another_base_warns(corpus, base, tmp_path, capsys):
+    run = tmp_path / "lora"
+    train(finetune(corpus, base, run, max_steps=2, eval_every=0))
+    other = tmp_path / "other"
+    from llmkit.model_io import save_model
+    save_model(load(base).model, other, load(base).tokenizer)
+    capsys.readouterr()
+    load(other, adapter=run)
+    assert "was trained on" in capsys.readouterr().err
+    load(base, adapter=run)
+    assert "was trained on" not in capsys.readouterr().err

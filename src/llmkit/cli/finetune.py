@@ -44,7 +44,8 @@ def finetune_config(args: argparse.Namespace) -> TrainConfig:
     flags = given(args, TrainConfig)
     if "model" in flags:
         flags["model"] = dict(flags["model"])
-    flags["init_from"] = args.init_from
+    # the model as an absolute path: the run (and its adapter's base_model_name_or_path) names it from anywhere
+    flags["init_from"] = str(Path(args.init_from).resolve()) if Path(args.init_from).exists() else args.init_from
     recipe = load_recipe(args.recipe) if args.recipe else {}
     for name, default in (("out", args.out_default), ("method", args.method_default)):
         resumed = flags.get("resume") and (Path(flags.get("out") or recipe.get("out") or default) / "train_config.json").is_file()

@@ -211,7 +211,7 @@ class CausalLMTask(TokenStreamTask):
         dropped for expert capacity, over all MoE layers)."""
         x, y = batch
         logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         return with_model_losses(model, loss, {})
 
 

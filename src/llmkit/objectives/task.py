@@ -173,8 +173,11 @@ class Task(ABC):
         return {}
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
-        """Training FLOPs per token of `model` on this task's examples (for MFU)."""
-        return model.flops_per_token(self.tokens_per_example)
+        """Training FLOPs per token of `model` on this task's examples (for MFU): its own count, or
+        6 per parameter for a model without one (a prefix- or prompt-tuning wrapper)."""
+        from llmkit.objectives.builders import model_flops_per_token
+
+        return model_flops_per_token(model, self.tokens_per_example)
 
 
 def set_dropout(model: torch.nn.Module, rate: float) -> None:

@@ -208,7 +208,11 @@ class IA3(MergesWrappers, Method):
                 every.append(naming.to_hf(name))
             except UserError:
                 continue
-        chosen = {naming.to_hf(t.name) for t in self.targets}
+        try:
+            chosen = {naming.to_hf(t.name) for t in self.targets}
+        except UserError:  # a target the layout does not name (k of GPT-2's c_attn): llmkit's names, as the keys
+            naming, every = IDENTITY, list(self._places)
+            chosen = {t.name for t in self.targets}
         ff = {naming.to_hf(t.name) for t in self.targets if t.name in self.feedforward}
         ending = {p: shortest_ending(p, every, chosen, "module") for p in chosen}
         targets = set(ending.values())

@@ -23,9 +23,9 @@ from torch import nn
 
 from llmkit.errors import UserError
 
-# the Hugging Face / peft spellings of llmkit's short names
+# the Hugging Face / peft spellings of llmkit's short names (GPT-2's c_proj is both out projections, as peft matches it)
 ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "proj", "out_proj": "proj", "dense": "proj",
-           "c_proj": "proj", "c_attn": "qkv", "query_key_value": "qkv", "gate_proj": "gate", "up_proj": "up",
+           "c_proj": ("proj", "down"), "c_attn": "qkv", "query_key_value": "qkv", "gate_proj": "gate", "up_proj": "up",
            "down_proj": "down", "c_fc": "up", "fc1": "up", "fc2": "down", "w1": "gate", "w3": "up", "w2": "down",
            "query": "q", "key": "k", "value": "v"}
 FEEDFORWARD = ("up", "gate", "down")  # the MLP's linear layers (IA3's feed-forward targets)
@@ -74,7 +74,8 @@ def candidates(model: nn.Module) -> list[Target]:
 def _matches(target: Target, pattern: str) -> bool:
     if "." in pattern or any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(target.name, pattern)
-    return target.short == ALIASES.get(pattern, pattern)
+    names = ALIASES.get(pattern, pattern)
+    return target.short in (names if isinstance(names, tuple) else (names,))
 
 
 def find_targets(model: nn.Module, patterns: str | list[str] | tuple[str, ...],

@@ -332,7 +332,12 @@ def build_train_config(recipe: str | Path | None = None, **flags: Any) -> TrainC
     if isinstance(flags.get("model"), dict) and isinstance(given.get("model"), dict):  # --model sets single fields
         flags = {**flags, "model": {**given["model"], **flags["model"]}}
     given.update({k: v for k, v in flags.items() if v is not None})
-    changed = [k for k in FIXED_ON_RESUME if k in given and k in stored and given[k] != stored[k]]
+    def same(k: str) -> bool:  # a model path is the same model however it is spelled (relative, absolute)
+        if k == "init_from" and given[k] and stored[k]:
+            return Path(given[k]).resolve() == Path(stored[k]).resolve()
+        return given[k] == stored[k]
+
+    changed = [k for k in FIXED_ON_RESUME if k in given and k in stored and not same(k)]
     if changed:
         k = changed[0]
         raise UserError(f"--resume continues the run in {saved.parent} as it was set up: {k} is {stored[k]!r} "

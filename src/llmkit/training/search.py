@@ -147,7 +147,9 @@ def default_space(cfg: TrainConfig) -> tuple[Param, ...]:
     adapter_dropout when it reads them."""
     from llmkit.peft import get_method
 
-    reads = get_method(cfg.method).options
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # the method's settings it reads, unless the user set them (then they stay as given)
+    reads = [n for n in get_method(cfg.method).options if getattr(cfg, n) == defaults.get(n)]
     params = [Param("lr", float, cfg.lr / 10, min(cfg.lr * 10, 10.0), log=True)]
     for name, choices in DEFAULT_CHOICES.items():
         if name in reads:
