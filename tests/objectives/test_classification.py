@@ -252,7 +252,9 @@ def test_few_shot_curve_trains_once_per_k_and_writes_the_table_and_plot(tmp_path
                   {"event": "final", "step": 10, "accuracy": 0.5 + k / 100, "macro_f1": 0.4 + k / 100}]
         (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, events)) + "\n")
 
-    base = TrainConfig(task="classification", init_from="m", data="d", out=str(tmp_path / "curve"), shots="1,4,16")
+    (tmp_path / "m").mkdir()  # a model path that exists (the fake training never reads it)
+    base = TrainConfig(task="classification", init_from=str(tmp_path / "m"), data="d", out=str(tmp_path / "curve"),
+                       shots="1,4,16")
     rows = few_shot_curve(base, [16, 1, 4], train=fake_train)
     assert seen == [(str(k), str(tmp_path / "curve" / f"shots-{k}")) for k in (1, 4, 16)]
     assert [r["k"] for r in rows] == [1, 4, 16] and rows[2]["accuracy"] == pytest.approx(0.66)
