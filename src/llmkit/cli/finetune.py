@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--model", dest="model", action="append", type=model_setting, metavar="FIELD=VALUE",
                    help="set one model config field (see `llmkit train --help`)")
     p.set_defaults(func=run, method_default="lora", out_default="runs/finetune")
+    for action in p._actions:  # the help says this verb's defaults, not train's
+        if action.dest in ("method", "out") and action.help:
+            action.help = action.help.replace("(default: full)", "(default: lora)").replace(
+                "(default: runs/run)", "(default: runs/finetune)")
 
 
 def finetune_config(args: argparse.Namespace) -> TrainConfig:
