@@ -209,10 +209,7 @@ def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, force
     """Write `model` with `adapter` folded into its weights to `out`: a Hugging Face directory when
     the base is one, else an llmkit model directory (with the tokenizer). Methods whose adapter is
     not a weight change (prefix, prompt, bottleneck adapters) are refused."""
-    import shutil
-    import tempfile
-
-    from llmkit.interop.convert import _check_apart, _prepare_out, _swap_in
+    from llmkit.interop.convert import _check_apart, _prepare_out, write_folder
     from llmkit.interop.hf import export_hf, is_hf_dir
     from llmkit.model_io import save_model
     from llmkit.peft.files import load_adapter
@@ -227,17 +224,10 @@ def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, force
     adapted, method = load_adapter(lm.model.float(), adapter)
     merged = method.merge(adapted).to(stored)  # refuses methods that cannot merge
     tok = find_tokenizer(adapter) or lm.tokenizer
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        if model.is_dir() and is_hf_dir(model):
-            export_hf(merged, tok, tmp)
-        else:
-            save_model(merged, tmp, tok)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if model.is_dir() and is_hf_dir(model):
+        write_folder(out, lambda tmp: export_hf(merged, tok, tmp))
+    else:
+        write_folder(out, lambda tmp: save_model(merged, tmp, tok))
     return out
 
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -108,28 +108,34 @@ def convert(src: str | Path, out: str | Path, to: str = "llmkit", tokenizer: str
         check_exportable(model)
     tok = find_tokenizer(src, tokenizer)
     check_vocab(model, tok, src)
+    written_family = None
+    if to == "hf":
+        kind = kind_of_model(model)
+        if kind is not None and kind.name != "decoder":  # encoders, T5, CLIP: the kind's own writer
+            if family is not None:
+                raise UserError(f"--family chooses among decoder families; a {kind.name!r} model is written "
+                                "as its own Hugging Face type: drop --family")
+            written_family = kind.name
+            write_folder(out, lambda tmp: export_hf(model, tok, tmp))
+        else:
+            written_family = family_for_export(model.cfg, family).name
+            write_folder(out, lambda tmp: export_hf(model, tok, tmp, family=written_family))
+    else:
+        write_folder(out, lambda tmp: save_model(model, tmp, tok))
+    return Converted(out, fmt, to, written_family, num_params(model), tok is not None)
+
+
+def write_folder(out: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` into a temporary folder beside `out`, then swap it in whole (`_swap_in`); on any
+    failure the temporary folder goes and `out` stays as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        written_family = None
-        if to == "hf":
-            kind = kind_of_model(model)
-            if kind is not None and kind.name != "decoder":  # encoders, T5, CLIP: the kind's own writer
-                if family is not None:
-                    raise UserError(f"--family chooses among decoder families; a {kind.name!r} model is written "
-                                    "as its own Hugging Face type: drop --family")
-                export_hf(model, tok, tmp)
-                written_family = kind.name
-            else:
-                written_family = family_for_export(model.cfg, family).name
-                export_hf(model, tok, tmp, family=written_family)
-        else:
-            save_model(model, tmp, tok)
+        write(tmp)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Converted(out, fmt, to, written_family, num_params(model), tok is not None)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
