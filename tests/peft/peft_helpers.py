@@ -81,3 +81,10 @@ def token_ids(n: int = 12, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def logits(model, ids):
+    """A transformers or llmkit model's logits on `ids`, without gradients."""
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peft_helpers import max_diff
 from llmkit.errors import UserError
 from llmkit.peft import count_parameters, files, get_method
 from llmkit.peft.adapter import WithAdapter, adapterhub_name
@@ -17,10 +18,6 @@ from llmkit.peft.adapter import WithAdapter, adapterhub_name
 TOL = 1e-5
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "houlsby_reference"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def adapter(**opts):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peft_helpers import logits, max_diff
 from llmkit.nn.linear import Linear
 from llmkit.peft import count_parameters, files, get_method
 from llmkit.peft.dora import DoRALinear, row_norms
@@ -14,10 +15,6 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared machine
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def dora(**opts):
@@ -33,12 +30,6 @@ def randomize(model, keys=("lora_B", "magnitude"), seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "magnitude" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
 
 
 def test_init_leaves_outputs_unchanged_and_magnitude_is_the_row_norm(llama_pair, ids):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peft_helpers import logits, max_diff
 from llmkit.errors import UserError
 from llmkit.nn.linear import Linear
 from llmkit.peft import count_parameters, files, get_method
@@ -15,10 +16,6 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared machine
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def lora(**opts):
@@ -33,12 +30,6 @@ def randomize(model: torch.nn.Module, key: str = "lora_B", seed: int = 0, std: f
         for name, p in model.named_parameters():
             if key in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
 
 
 def test_fixture_models_agree(llama_pair, gpt2_pair, ids):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from peft_helpers import max_diff
 from llmkit.errors import UserError
 from llmkit.generation.generate import GenerationConfig, generate_batch, generate_tokens
 from llmkit.peft import count_parameters, files, get_method
@@ -18,10 +19,6 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 N = 5
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def prompt(**opts):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from peft_helpers import logits, max_diff
 from llmkit.nn.linear import Linear
 from llmkit.peft import count_parameters, files, get_method
 from llmkit.peft.vera import VeRALinear
@@ -15,10 +16,6 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared machine
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def vera(**opts):
@@ -32,12 +29,6 @@ def randomize(model, seed=0):
         for name, p in model.named_parameters():
             if "vera_lambda" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
 
 
 def test_shared_projections_are_peft_s_for_the_same_seed(llama_pair):
