@@ -79,13 +79,7 @@ class Method(ABC):
         """Put `tensors` (as `adapter_tensors` keys them) into an applied model: strict, a missing
         or unexpected name or a wrong shape is a UserError naming `source`."""
         params = dict(model.named_parameters())
-        expected = self.adapter_tensors(model).keys()
-        check_names(expected, tensors.keys(), source)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                target = params[name]
-                check_shape(name, target, t, source)
-                target.copy_(t.to(target.dtype))
+        copy_checked({name: params[name] for name in self.adapter_tensors(model)}, tensors, source)
 
     def peft_config(self, target_modules: list[str]) -> dict[str, Any]:
         """The method's fields of `peft`'s adapter_config.json (peft_type and its own settings), with
@@ -153,6 +147,16 @@ def check_names(expected: Any, given: Any, source: str) -> None:
     if unexpected:
         raise UserError(f"{source}: unexpected adapter tensor {unexpected[0]!r} ({len(unexpected)} unexpected): the "
                         "adapter was made for another model or method")
+
+
+def copy_checked(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into the like-named `params`: exactly the same names and shapes (a UserError
+    naming `source` otherwise), each cast to its parameter's dtype."""
+    check_names(params.keys(), tensors.keys(), source)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            check_shape(name, params[name], t, source)
+            params[name].copy_(t.to(params[name].dtype))
 
 
 def check_shape(name: str, target: torch.Tensor, t: torch.Tensor, source: str) -> None:

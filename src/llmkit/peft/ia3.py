@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import UserError
-from llmkit.peft.base import MergesWrappers, Method, check_names, check_shape, freeze, register_method
+from llmkit.peft.base import MergesWrappers, Method, copy_checked, freeze, register_method
 from llmkit.peft.files import IDENTITY, Naming, naming_for, peft_matches, shortest_ending
 from llmkit.peft.targets import Target, candidates, find_targets, group_by_module, replace_module
 
@@ -190,11 +190,7 @@ class IA3(MergesWrappers, Method):
     def load_adapter_tensors(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         self._check_unmerged("load")
         params = self._params()
-        check_names(params.keys(), tensors.keys(), source)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                check_shape(name, params[name], t, source)
-                params[name].copy_(t.to(params[name].dtype))
+        copy_checked(params, tensors, source)
 
     def peft_config(self, target_modules: list[str]) -> dict[str, Any]:
         """IA3Config fields; target_modules and feedforward_modules named by the shortest endings of

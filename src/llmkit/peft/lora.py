@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.errors import UserError
-from llmkit.peft.base import MergesWrappers, Method, check_names, check_shape, freeze, register_method
+from llmkit.peft.base import MergesWrappers, Method, copy_checked, freeze, register_method
 from llmkit.peft.targets import Target, find_targets, group_by_module, replace_module
 
 # TrainConfig's defaults, for callers that pass only some options
@@ -316,11 +316,7 @@ class LoRA(MergesWrappers, Method):
     def load_adapter_tensors(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         self._check_unmerged("load")
         params = {f"{t.name}.{suffix}": p for t, w, i in self._slots() for suffix, p in self.slot_tensors(w, i).items()}
-        check_names(params.keys(), tensors.keys(), source)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                check_shape(name, params[name], t, source)
-                params[name].copy_(t.to(params[name].dtype))
+        copy_checked(params, tensors, source)
 
     def peft_config(self, target_modules: list[str]) -> dict[str, Any]:
         o = self.opts
