@@ -14,6 +14,14 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+class PeerLost(UserError):
+    """A multi-process run lost another rank (it died, was killed or hangs past --dist-timeout):
+    every surviving rank stops with this (exit code 4) instead of waiting forever; the message names
+    the last complete checkpoint to resume from."""
+
+    exit_code = 4
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C (training checkpoints the steps done,
     every verb removes its temp files), then the process exits with 128 + 15, as a process killed by

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -182,6 +183,8 @@ def _one_float_dtype(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS).is_file():
         return load_weights(directory / WEIGHTS)
+    if (directory / SHARDED).is_dir():
+        return read_sharded(directory / SHARDED)
     pickled = [p for p in ("pytorch_model.bin", "model.pt") if (directory / p).is_file()]
     if pickled and not allow_pickle:
         raise UserError(f"{directory / pickled[0]} is a pickled checkpoint, which can run code when loaded: "
@@ -193,6 +196,30 @@ def _read_state(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             raise UserError(f"{directory / pickled[0]} holds objects other than tensors, which llmkit will not "
                             "unpickle: convert it to safetensors with the library that wrote it") from None
     raise UserError(f"{directory} has {CONFIG} but no {WEIGHTS}: the save was interrupted; restore the weights file")
+
+
+SHARDED = "dcp"  # a sharded training checkpoint's folder (torch.distributed.checkpoint; training/sharded_checkpoint.py)
+
+
+def read_sharded(directory: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a sharded (DCP) checkpoint, whole, in one process: shapes and dtypes
+    from its metadata, every rank's pieces read into place by DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = dcp.FileSystemReader(str(directory))
+        meta = reader.read_metadata()
+        state = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+                 for key, m in meta.state_dict_metadata.items()
+                 if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "no process group: loading in one process" is what we want
+            warnings.simplefilter("ignore")
+            dcp.load({"model": state}, storage_reader=reader)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot read the sharded checkpoint {directory}: {str(e).splitlines()[0][:200]}; it is "
+                        "incomplete or corrupt: use the checkpoint before it") from None
+    return state
 
 
 def _diff_keys(model: torch.nn.Module, state: dict, tied: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -1,6 +1,7 @@
 """What every fast path asks before it stands in for the reference code: no hook that must see the
 modules run, autograd recording eagerly (not torch.compile, not a torch.func transform), no
-autocast, fp32 CPU tensors. The private torch state these questions need is read here only, each
+autocast, plain fp32 CPU tensors (never a tensor subclass: a DTensor shard of FSDP2 or tensor
+parallelism is not the whole weight a kernel reads). The private torch state these questions need is read here only, each
 read guarded: where a torch version lacks it, the answer is the one that makes fast paths step
 aside, so results never depend on it."""
 from __future__ import annotations
@@ -31,15 +32,22 @@ def eager_autograd() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _functorch_stack() is None
 
 
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_fp32_cpu(t: torch.Tensor) -> bool:
+    """A plain tensor (no subclass such as DTensor) of fp32 on the CPU."""
+    return type(t) in PLAIN and t.dtype is torch.float32 and t.is_cpu
+
+
 def fp32_cpu_autograd(*tensors: torch.Tensor) -> bool:
     """What every folded training Function needs: eager autograd recording, no autocast, and these
-    tensors fp32 on the CPU."""
-    return (eager_autograd() and not torch.is_autocast_enabled("cpu")
-            and all(t.dtype is torch.float32 and t.is_cpu for t in tensors))
+    tensors plain fp32 on the CPU."""
+    return (eager_autograd() and not torch.is_autocast_enabled("cpu") and all(plain_fp32_cpu(t) for t in tensors))
 
 
 def fp32_cpu_inference(*tensors: torch.Tensor) -> bool:
     """What the decoding kernels need: no autograd, not under torch.compile, no autocast, these
     tensors fp32 on the CPU."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu") and all(t.dtype is torch.float32 and t.is_cpu for t in tensors))
+            and not torch.is_autocast_enabled("cpu") and all(plain_fp32_cpu(t) for t in tensors))

@@ -98,9 +98,12 @@ def _empty(*shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=_F32, device="cpu")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a subclass (DTensor: one shard of a weight) never runs here
+
+
 def _ok(x: torch.Tensor) -> bool:
-    """fp32, CPU, contiguous, no autograd, not being traced by torch.compile."""
-    return (x.dtype is _F32 and x.is_cpu and x.is_contiguous() and not torch.is_grad_enabled()
+    """A plain fp32 CPU tensor, contiguous, no autograd, not being traced by torch.compile."""
+    return (type(x) in _PLAIN and x.dtype is _F32 and x.is_cpu and x.is_contiguous() and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
@@ -110,9 +113,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if fn is None or not _ok(x) or weight.dim() != 2:
         return None
     n, k = weight.shape
-    if (x.dim() == 0 or x.shape[-1] != k or not 0 < x.numel() <= MAX_ROWS * k or weight.dtype is not _F32
-            or not weight.is_cpu or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype is not _F32 or not bias.is_cpu or not bias.is_contiguous()
+    if (x.dim() == 0 or x.shape[-1] != k or not 0 < x.numel() <= MAX_ROWS * k or not _flat_f32(weight)
+            or (bias is not None and (not _flat_f32(bias)
                                       or bias.shape != (n,)))):
         return None
     y = _empty(*x.shape[:-1], n)
@@ -128,8 +130,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if fn is None or not _ok(x):
         return None
     d = weight.shape[0]
-    if (x.dim() == 0 or x.shape[-1] != d or not 0 < x.numel() <= MAX_ROWS * d or weight.dtype is not _F32
-            or not weight.is_cpu or not weight.is_contiguous()):
+    if (x.dim() == 0 or x.shape[-1] != d or not 0 < x.numel() <= MAX_ROWS * d or not _flat_f32(weight)):
         return None
     y = torch.empty_like(x)  # x is contiguous: so is y
     fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
@@ -213,7 +214,7 @@ def norm_backward(x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor | No
 
 
 def _flat_f32(t: torch.Tensor) -> bool:
-    return t.dtype is _F32 and t.is_cpu and t.is_contiguous() and t.layout is torch.strided
+    return type(t) in _PLAIN and t.dtype is _F32 and t.is_cpu and t.is_contiguous() and t.layout is torch.strided
 
 
 def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:

@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +52,41 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(root, keep)
+    return final
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model_cfg: Any, state: dict[str, Any], keep: int,
+                            write_shards: Callable[[Path], None], env: Any) -> Path:
+    """The sharded form of `save_checkpoint` (every rank calls it): rank 0 picks the temp folder and
+    tells the others, each rank writes its shards into `dcp/` (`write_shards`, DCP's collective
+    save), then rank 0 adds the config and trainer state and renames the folder into place. A rank
+    killed on the way leaves only the temp folder, which the next start removes."""
+    import torch.distributed as dist
+
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:07d}"
+    name = [outputs.temp_path(final).name if env.is_main else None]
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / name[0]).mkdir()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
+    try:
+        write_shards(tmp / "dcp")
+        if env.is_main:
+            save_config(model_cfg, tmp / "config.json")
+            _test_pause(step)
+            save_torch(state, tmp / STATE)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's shards are on disk
+        if env.is_main:
+            outputs.replace_dir(tmp, final)
+            _prune(root, keep)
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -110,8 +145,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, trainer state). Only safe formats: safetensors + weights_only torch.load."""
     weights = load_weights(path / "model.safetensors")
+    return weights, load_trainer_state(path)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state (counters, optimizer of a one-file checkpoint, RNG), weights_only."""
     try:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        return torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable state is the same user-facing problem
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): delete that folder to resume from the one before") from None
-    return weights, state

@@ -84,6 +84,24 @@ class TrainConfig:
     force: bool = option(False, "start a new run in --out even though it holds a model, tokenizer or run "
                                 "(which it replaces)", flag())
     progress: bool = option(True, "show a progress bar", flag())
+    # scale-out (under torchrun; see docs/scaling.md)
+    parallel: str = option("ddp", "how the run spreads over torchrun's processes: ddp (whole model on every rank), "
+                                  "fsdp (FSDP2: parameters, gradients and optimizer state sharded), tp (tensor "
+                                  "parallel: each rank its heads and MLP slice), fsdp+tp (2-D mesh)",
+                           one_of("ddp", "fsdp", "tp", "fsdp+tp"))
+    tp_size: int | None = option(None, "fsdp+tp: ranks per tensor-parallel group (default 2)", integer(1, 1 << 16, optional=True))
+    zero: int = option(3, "fsdp: 3 shards parameters too (gathered per block for forward and backward), 2 keeps "
+                          "them whole after the forward (faster, more memory)", integer(2, 3))
+    mixed_precision: str = option("none", "fsdp: bf16 gathers and computes parameters in bf16 and reduces "
+                                          "gradients in fp32 (the shards and optimizer stay fp32)", one_of("none", "bf16"))
+    cpu_offload: bool = option(False, "fsdp: keep parameter shards, gradients and optimizer state on the CPU "
+                                      "between uses (GPU memory for speed)", flag())
+    sequence_parallel: bool = option(False, "tp / fsdp+tp: also shard norms and the residual stream along the "
+                                            "sequence (Korthikanti et al. 2022)", flag())
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
+                                                   "keeping them (less memory, ~1/3 more compute)", flag())
+    dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run stops "
+                                    "(a rank that died or hangs)", integer(10, 1 << 20))
     # objective settings (each refused for a task that does not read it)
     mask_rate: float = option(0.15, "mlm: share of the tokens selected for prediction", number(above=0.0, below=1.0))
     whole_word_masking: bool = option(False, "mlm: select all sub-tokens of a word together", flag())
@@ -157,6 +175,7 @@ class TrainConfig:
         if self.model is not None:
             if not isinstance(self.model, dict) or not all(isinstance(k, str) for k in self.model):
                 raise UserError(f"model must be a mapping of model config fields to values, got {self.model!r}")
+        self._check_parallel()
         if self.device == "cuda":
             import torch
 
@@ -185,6 +204,22 @@ class TrainConfig:
                 readers = [t for t in task_names() if name in TASKS[t].options]
                 raise UserError(f"--{name.replace('_', '-')} is a setting of task {' or '.join(readers)}, which this "
                                 f"run ({self.task}) does not train: drop it or choose that objective")
+
+    def _check_parallel(self) -> None:
+        """Each scale-out setting belongs to the strategies that read it."""
+        readers = {"tp_size": ("fsdp+tp", "tp"), "zero": ("fsdp", "fsdp+tp"), "mixed_precision": ("fsdp", "fsdp+tp"),
+                   "cpu_offload": ("fsdp", "fsdp+tp"), "sequence_parallel": ("tp", "fsdp+tp")}
+        defaults = {"tp_size": None, "zero": 3, "mixed_precision": "none", "cpu_offload": False,
+                    "sequence_parallel": False}
+        for name, strategies in readers.items():
+            if getattr(self, name) != defaults[name] and self.parallel not in strategies:
+                raise UserError(f"--{name.replace('_', '-')} is a setting of --parallel {' or '.join(strategies)}, "
+                                f"not of --parallel {self.parallel}: drop it or choose that strategy")
+        if self.mixed_precision != "none" and self.dtype not in ("auto", "fp32"):
+            raise UserError(f"--mixed-precision {self.mixed_precision} already computes in bf16 (FSDP casts the "
+                            f"parameters): drop --dtype {self.dtype}")
+        if self.parallel in ("tp", "fsdp+tp") and self.compile:
+            raise UserError(f"--compile is not supported with --parallel {self.parallel} here: drop one of the two")
 
     def _check_method(self, defaults: dict[str, Any]) -> None:
         """The fine-tuning method exists, its settings are usable, no other method's setting is given,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,15 @@ class DistEnv:
         return self.world > 1
 
 
-def init_distributed(device_type: str) -> DistEnv:
-    """Start the process group when launched by torchrun (WORLD_SIZE set), else a single process."""
+def init_distributed(device_type: str, timeout: float = 600) -> DistEnv:
+    """Start the process group when launched by torchrun (WORLD_SIZE set), else a single process.
+    `timeout`: seconds a collective waits for the other ranks (a dead or hung rank) before failing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     return DistEnv(rank, world, local_rank)
@@ -59,6 +61,27 @@ def broadcast_flag(flag: bool, env: DistEnv, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.broadcast(t, 0)
     return bool(t.item())
+
+
+# what gloo / NCCL / the store say when the other end of a collective is gone
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+         "NCCL communicator was aborted", "Socket Timeout", "failed to recv", "failed to send")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank died or hangs."""
+    dist_error = getattr(dist, "DistError", ())
+    return (dist_error and isinstance(error, dist_error)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in _LOST))
+
+
+def peer_lost_message(env: DistEnv, error: BaseException, checkpoint) -> str:
+    """The one line every surviving rank prints."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    where = (f"the last complete checkpoint is {checkpoint}: relaunch with --resume" if checkpoint is not None
+             else "no checkpoint was written yet")
+    return (f"rank {env.rank} of {env.world} lost contact with the other ranks (one died, was killed or hangs past "
+            f"--dist-timeout): {first}; {where}")
 
 
 def barrier(env: DistEnv) -> None:

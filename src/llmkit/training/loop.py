@@ -14,7 +14,6 @@ step and checkpoint it; a failed write (a full disk) leaves the earlier checkpoi
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -23,18 +22,21 @@ from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 
-from llmkit.errors import TrainingDiverged, UserError
-from llmkit.model_io import assign_weights, non_finite, save_model
+from llmkit.errors import PeerLost, TrainingDiverged, UserError
+from llmkit.model_io import assign_weights, save_model
 from llmkit.objectives import Task, get_task
 from llmkit.objectives.builders import build_model, build_model_config, build_tokenizer, build_tokens
 from llmkit.peft import Method, count_parameters, describe_trainable, get_method
 from llmkit.peft.files import save_adapter
 from llmkit.training import distributed as D
-from llmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmkit.training import sharded_checkpoint as SC
+from llmkit.training.checkpoint import (latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint,
+                                       save_sharded_checkpoint)
 from llmkit.training.config import TrainConfig
 from llmkit.training.forgetting import ReplayMixer, forgetting_report, perplexity
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
-from llmkit.training.optim import build_optimizer, clip_grad_norm_
+from llmkit.training.optim import build_optimizer
+from llmkit.training.parallel import Parallelism, get_parallelism, world_tokens
 from llmkit.training.run_dir import check_run_dir, claim_run_dir
 from llmkit.training.schedules import warmup_cosine
 from llmkit.training.signals import StopSignals, Terminated
@@ -129,7 +131,8 @@ class Run:
     run_dir: Path
     task: Task
     method: Method  # the fine-tuning method (`--method`): full training of a fresh model by default
-    raw_model: torch.nn.Module  # the model itself: what is saved and clipped
+    strategy: Parallelism  # how the run spreads over the processes (`--parallel`)
+    raw_model: torch.nn.Module  # the model itself (sharded in place by fsdp / tp): what is saved and clipped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     window: LogWindow
@@ -181,7 +184,12 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callable[[int, dict], None]] = (
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Terminated): keep the steps done
             save_on_interrupt(run, whole_steps=not signals.forced)
             raise
-        except BaseException:  # diverged, a full disk: the checkpoints written so far stay as they are
+        except Exception as e:  # diverged, a full disk: the checkpoints written so far stay as they are
+            close(run)
+            if run.env.enabled and D.lost_peer(e):
+                raise PeerLost(D.peer_lost_message(run.env, e, latest_checkpoint(run.run_dir))) from None
+            raise
+        except BaseException:
             close(run)
             raise
 
@@ -195,18 +203,20 @@ def set_up(cfg: TrainConfig) -> Run:
     cfg.validate()
     task = get_task(cfg.task)(cfg)
     device, dtype = resolve_device(cfg)
-    env = D.init_distributed(device.type)
-    if env.world > 1 and cfg.gradual_unfreeze:  # DDP registers the parameters that train when it wraps
+    env = D.init_distributed(device.type, cfg.dist_timeout)
+    if (env.world > 1 or cfg.parallel != "ddp") and cfg.gradual_unfreeze:  # DDP / FSDP fix what trains when they wrap
         D.shutdown(env)
-        raise UserError("--gradual-unfreeze runs in one process only: DDP would not synchronise the blocks that "
-                        "unfreeze later; drop it or train without torchrun")
+        raise UserError("--gradual-unfreeze runs in one process only: DDP and FSDP would not synchronise the blocks "
+                        "that unfreeze later; drop it or train without torchrun")
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     run_dir = Path(cfg.out)
     replace = check_run_dir(cfg, run_dir)
     D.barrier(env)  # every rank has looked before rank 0 changes anything
     undo = claim_run_dir(run_dir, replace) if env.is_main else None
+    strategy = None
     try:
+        strategy = get_parallelism(cfg, env, device)
         prepare_data(task, env, run_dir)
         method = get_method(cfg.method)(method_options(cfg))
         method.tokenizer = getattr(task, "tokenizer", None)  # prompt tuning's init from text needs it
@@ -220,10 +230,14 @@ def set_up(cfg: TrainConfig) -> Run:
         if method.saves_adapter:
             keep_training(raw_model, method, heads)
             method.task_type = task.peft_task_type
+        groups = method.param_groups(raw_model, cfg.weight_decay)
+        names = {id(p): n for n, p in raw_model.named_parameters()}
+        raw_model = strategy.prepare(raw_model)  # fully_shard / parallelize_module replace the parameters
         optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
-                                    groups=method.param_groups(raw_model, cfg.weight_decay))
+                                    groups=_regroup(groups, names, raw_model), extra=strategy.optimizer_options())
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        run = Run(cfg, env, device, dtype, run_dir, task, method, raw_model, optimizer, scaler, LogWindow(device))
+        run = Run(cfg, env, device, dtype, run_dir, task, method, strategy, raw_model, optimizer, scaler,
+                  LogWindow(device))
         run.replay_ppl_before, run.replay_window = before, window
         resume(run)  # a checkpoint that does not fit the options fails here, before anything is written
         if cfg.replay > 0:
@@ -231,8 +245,19 @@ def set_up(cfg: TrainConfig) -> Run:
     except BaseException:
         if undo is not None:
             undo()
+        if strategy is not None:
+            strategy.close()
         raise
     return run
+
+
+def _regroup(groups: list[dict] | None, names: dict[int, str], model: torch.nn.Module) -> list[dict] | None:
+    """The method's parameter groups again, with the parameters sharding put in place of the
+    originals (found by name; a group's other settings kept); None: the optimizer's default groups."""
+    if groups is None:
+        return None
+    now = dict(model.named_parameters())
+    return [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
 
 
 def replay_context(cfg: TrainConfig, model: torch.nn.Module) -> int:
@@ -295,12 +320,19 @@ def resume(run: Run) -> None:
     ckpt = latest_checkpoint(run.run_dir) if run.cfg.resume else None
     if ckpt is None:
         return
-    weights, saved = load_checkpoint(ckpt)
-    if run.method.saves_adapter:
-        load_trainable(run.raw_model, weights, ckpt)
+    if SC.is_sharded(ckpt):  # any layout loads a sharded checkpoint (DCP reshards)
+        saved = load_trainer_state(ckpt)
+        SC.load(ckpt / SC.DCP_DIR, run.raw_model, run.optimizer, run.strategy, only_trainable=run.method.saves_adapter)
+    elif run.strategy.sharded:
+        raise UserError(f"checkpoint {ckpt} was written by a --parallel ddp run (one file): resume it with "
+                        f"--parallel ddp (then later checkpoints can move to --parallel {run.cfg.parallel})")
     else:
-        assign_weights(run.raw_model, weights, ckpt)
-    run.optimizer.load_state_dict(saved["optimizer"])
+        weights, saved = load_checkpoint(ckpt)
+        if run.method.saves_adapter:
+            load_trainable(run.raw_model, weights, ckpt)
+        else:
+            assign_weights(run.raw_model, weights, ckpt)
+        run.optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
@@ -328,13 +360,25 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], sou
 
 
 def save_result(run: Run) -> None:
-    """Write what the run trained into its directory: an adapter run its adapter (peft format), a
-    full or partial fine-tune (or a fresh model) the whole model."""
+    """Write what the run trained into its directory (rank 0; every rank calls it, as a sharded
+    model is gathered first): an adapter run its adapter (peft format), a full or partial
+    fine-tune (or a fresh model) the whole model."""
+    model = whole_model(run)
+    if not run.env.is_main:
+        return
     if run.method.saves_adapter:
         base = str(Path(run.cfg.init_from).resolve()) if run.cfg.init_from else None
-        save_adapter(run.raw_model, run.method, run.run_dir, base_model=base)
+        save_adapter(model, run.method, run.run_dir, base_model=base)
     else:
-        save_model(run.raw_model, run.run_dir)
+        save_model(model, run.run_dir)
+
+
+def whole_model(run: Run) -> torch.nn.Module | None:
+    """The trained model whole on rank 0 (a sharded one gathered into a plain copy: every rank
+    must call this then); None on the other ranks of a sharded run."""
+    if run.strategy.sharded:
+        return run.strategy.plain_model(run.raw_model)
+    return run.raw_model
 
 
 def start(run: Run) -> None:
@@ -343,9 +387,9 @@ def start(run: Run) -> None:
     show the bar."""
     cfg, env, raw = run.cfg, run.env, run.raw_model
     model = torch.compile(raw) if cfg.compile else raw
-    run.model = D.wrap_model(model, env, run.device.type)
+    run.model = run.strategy.wrap(model)
     run.autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
-    run.tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world * run.task.tokens_per_example
+    run.tokens_per_step = world_tokens(cfg, run.strategy, run.task.tokens_per_example)
     run.flops_per_token = run.task.flops_per_token(raw)
     if env.is_main:
         cfg.save(run.run_dir / "train_config.json")
@@ -357,7 +401,7 @@ def start(run: Run) -> None:
         if not run.resumed:
             trainable, total = count_parameters(raw)
             run.log.log(event="start", step=0, params=total, trainable_params=trainable, method=cfg.method,
-                        world=env.world, device=str(run.device), dtype=str(run.dtype).removeprefix("torch."),
+                        world=env.world, parallel=cfg.parallel, device=str(run.device), dtype=str(run.dtype).removeprefix("torch."),
                         **({"replay_ppl": run.replay_ppl_before} if run.replay_ppl_before is not None else {}),
                         **run.task.summary())
         if cfg.method != "full" or cfg.init_from:
@@ -380,23 +424,23 @@ def train_step(run: Run) -> float:
     (DDP syncs on the last only), clip, step; but when the loss or the gradient norm is NaN/inf
     (on any rank) the update is skipped, the weights stay as they were, and the step counts in
     `progress.nonfinite_steps` (`stop_if_diverged` decides what follows). Returns the lr."""
-    cfg, env, task, step = run.cfg, run.env, run.task, run.progress.step
+    cfg, task, step, strategy = run.cfg, run.task, run.progress.step, run.strategy
+    rank, world = strategy.data_rank, strategy.data_world  # tensor-parallel ranks share a batch
     lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay scales a group's lr
     run.method.on_step(run.raw_model, step)  # gradual unfreezing: a function of the step
     # dropout randomness as a function of (seed, step, rank): exact resume needs no RNG state
-    torch.manual_seed(cfg.seed * 1_000_003 + step * env.world + env.rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
     run.model.train()
     loss_sum = torch.zeros((), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
-        batch = task.train_batch(step, micro, cfg.batch_size, env.rank, env.world, cfg.grad_accum)
+        batch = task.train_batch(step, micro, cfg.batch_size, rank, world, cfg.grad_accum)
         if run.replay is not None:  # a share of the rows: windows of the base model's original text
-            batch = run.replay.mix(batch, step, micro, env.rank, env.world, cfg.grad_accum)
+            batch = run.replay.mix(batch, step, micro, rank, world, cfg.grad_accum)
         batch = task.to_device(batch, run.device, non_blocking=True)
-        last = micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if not env.enabled or last else run.model.no_sync():
+        with strategy.accumulating(run.model, last=micro == cfg.grad_accum - 1):
             with run.autocast:
                 loss, metrics = task.loss(run.model, batch)
                 loss = loss / cfg.grad_accum
@@ -427,10 +471,10 @@ def _unscale_and_clip(run: Run) -> torch.Tensor | None:
     without clipping, where the gradients stay scaled and the scaler checks them itself."""
     if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        return clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip)
+        return run.strategy.clip(list(run.raw_model.parameters()), run.cfg.grad_clip)
     if run.scaler.is_enabled():
         return None
-    return torch.nn.utils.get_total_norm([p.grad for p in run.raw_model.parameters() if p.grad is not None])
+    return run.strategy.grad_norm(list(run.raw_model.parameters()))
 
 
 def _nonfinite(run: Run, loss_sum: torch.Tensor, norm: torch.Tensor | None) -> tuple[str, float] | None:
@@ -500,8 +544,9 @@ def diverge(run: Run, what: str) -> NoReturn:
 
 
 def weights_finite(run: Run) -> bool:
-    """Whether every weight is a finite number (one sync; the load check's `model_io.non_finite`)."""
-    return not non_finite(run.raw_model)
+    """Whether every weight is a finite number (one sync; the load check's `model_io.non_finite`;
+    a sharded model: every rank its shards, then all agree)."""
+    return run.strategy.weights_finite(run.raw_model)
 
 
 def ensure_finite_weights(run: Run) -> None:
@@ -560,8 +605,8 @@ def evaluate_and_keep_best(run: Run) -> bool:
                     **{f"val_{name}": value for name, value in metrics.items()})
         run.bar.write(f"step {p.step}: val loss {val_loss:.4f}" + ("" if ppl is None else f" (ppl {ppl:.2f})")
                       + ("" if improved else f", no improvement for {p.bad_evals} eval(s)"))
-        if improved:  # the run directory always holds the best model (or adapter) so far
-            save_result(run)
+    if improved:  # the run directory always holds the best model (or adapter) so far
+        save_result(run)
     return bool(cfg.patience and p.bad_evals >= cfg.patience)
 
 
@@ -597,20 +642,29 @@ def stop_early(run: Run) -> None:
 # --- checkpoint -------------------------------------------------------------------------------
 
 def checkpoint_if_due(run: Run, stopping: bool) -> None:
-    """Rank 0 writes a checkpoint every `ckpt_every` steps, at the last step and when stopping early
-    (after every rank checked that the weights are finite)."""
+    """A checkpoint every `ckpt_every` steps, at the last step and when stopping early (after every
+    rank checked that the weights are finite): rank 0 writes it, or every rank its shards."""
     cfg, step = run.cfg, run.progress.step
     if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping:
         ensure_finite_weights(run)
-        if run.env.is_main:
+        if run.env.is_main or run.strategy.sharded:
             write_checkpoint(run)
 
 
 def write_checkpoint(run: Run) -> None:
-    """Model, optimizer, scaler, counters, log window and RNG as checkpoint `step-N` (atomically)."""
-    state = {**asdict(run.progress), **run.window.state(), "optimizer": run.optimizer.state_dict(),
+    """Model, optimizer, scaler, counters, log window and RNG as checkpoint `step-N` (atomically):
+    one file of weights from rank 0, or (sharded) every rank's shards through DCP."""
+    state = {**asdict(run.progress), **run.window.state(),
              "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": torch.get_rng_state()}
-    weights = trainable_state(run.raw_model) if run.method.saves_adapter else None
+    adapter = run.method.saves_adapter
+    if run.strategy.sharded:
+        def shards(directory: Path) -> None:
+            SC.save(directory, run.raw_model, run.optimizer, run.strategy, only_trainable=adapter)
+        save_sharded_checkpoint(run.run_dir, run.progress.step, run.raw_model.cfg, state, run.cfg.keep_checkpoints,
+                                shards, run.env)
+        return
+    state["optimizer"] = run.optimizer.state_dict()
+    weights = trainable_state(run.raw_model) if adapter else None
     save_checkpoint(run.run_dir, run.progress.step, run.raw_model, state, run.cfg.keep_checkpoints, weights=weights)
 
 
@@ -618,7 +672,11 @@ def save_on_interrupt(run: Run, whole_steps: bool = True) -> None:
     """Ctrl-C or SIGTERM: keep the steps done so far as a checkpoint (rank 0; not when a second
     signal cut a step short, nor weights that are not finite), close the bar and the process group."""
     try:
-        if whole_steps and run.env.is_main and run.progress.step > 0 and weights_finite(run):
+        if run.strategy.sharded:  # every rank writes: only where they all stopped at the same point
+            together = run.env.world == 1 or (run.signals is not None and run.signals.stopped_together)
+            if whole_steps and together and run.progress.step > 0 and weights_finite(run):
+                write_checkpoint(run)
+        elif whole_steps and run.env.is_main and run.progress.step > 0 and weights_finite(run):
             write_checkpoint(run)
     finally:
         close(run)
@@ -628,6 +686,7 @@ def close(run: Run) -> None:
     """Close the bar and end the process group."""
     if run.bar is not None:
         run.bar.close()
+    run.strategy.close()
     D.shutdown(run.env)
 
 
@@ -636,13 +695,13 @@ def finish(run: Run) -> TrainResult:
     run.bar.close()
     if not run.task.has_validation:
         ensure_finite_weights(run)
+        save_result(run)
+    model = whole_model(run)  # a sharded model gathered into one plain copy on rank 0
     if run.env.is_main:
-        if not run.task.has_validation:
-            save_result(run)
-        run.task.final_model = run.raw_model
+        run.task.final_model = model
         scores = run.task.final_evaluation(run.run_dir, run.device)
         if run.replay_ppl_before is not None:  # how much of the original text the model forgot
-            after = perplexity(run.raw_model, run.task.tokenizer, run.cfg.replay_data,
+            after = perplexity(model, run.task.tokenizer, run.cfg.replay_data,
                                context=run.replay_window)
             scores = {**scores, **forgetting_report(run.replay_ppl_before, after)}
         if scores:
@@ -651,6 +710,7 @@ def finish(run: Run) -> TrainResult:
                   flush=True)
         plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     D.barrier(run.env)
+    run.strategy.close()
     D.shutdown(run.env)
     best = run.progress.best_val if math.isfinite(run.progress.best_val) else None
     return TrainResult(run.run_dir, run.progress.step, run.last_loss, run.val_loss, best, run.stopped_early,

@@ -73,14 +73,16 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device_type: str, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+                    device_type: str, groups: list[dict] | None = None,
+                    extra: dict | None = None) -> torch.optim.Optimizer:
     """AdamW; PyTorch's fused kernel where this PyTorch has it for the device (one launch for all
     params); on CPU a registered fast path (llmkit.accel) may run the step. `groups`: parameter
-    groups of the caller's (a fine-tuning method's layer-wise learning rates), else `param_groups`."""
+    groups of the caller's (a fine-tuning method's layer-wise learning rates), else `param_groups`.
+    `extra`: AdamW arguments that override these (sharded parameters: no fused kernel)."""
     fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
-    extra = {"fused": True} if fused_ok and device_type in ("cuda", "cpu") else {}
+    fused = {"fused": True} if fused_ok and device_type in ("cuda", "cpu") else {}
     groups = param_groups(model, weight_decay) if groups is None else [g for g in groups if g["params"]]
     if not any(g["params"] for g in groups):
         from llmkit.errors import UserError
         raise UserError("nothing to train: every parameter is frozen (check --method, --freeze, --train-layers)")
-    return AdamW(groups, lr=lr, betas=betas, **extra)
+    return AdamW(groups, lr=lr, betas=betas, **{**fused, **(extra or {})})

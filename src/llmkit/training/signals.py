@@ -30,6 +30,7 @@ class StopSignals:
         self.pending: type[KeyboardInterrupt] | None = None
         self.forced = False
         self.agreed = False
+        self.stopped_together = False  # raised by `raise_agreed`: every rank stopped at the same point
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -71,4 +72,5 @@ class StopSignals:
         """Every rank raises the signal that some rank holds (SIGTERM first)."""
         if sigint or sigterm:
             self.pending = None
+            self.stopped_together = True
             raise Terminated() if sigterm else KeyboardInterrupt()
