@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from llmkit.training.loop import train
 
     result = train(cfg)
-    if result is not None:
+    from llmkit.training.distributed import main_process
+    if result is not None and main_process():  # one summary line, not one per rank
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         print(f"fine-tuned {result.steps} steps ({cfg.method}): val loss {val}; saved in {result.run_dir}"
               + (" (stopped early)" if result.stopped_early else ""))

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         flags["model"] = dict(flags["model"])
     cfg = build_train_config(args.recipe, **flags)
     result = train(cfg)
-    if result is not None:
+    from llmkit.training.distributed import main_process
+    if result is not None and main_process():  # one summary line, not one per rank
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         print(f"trained {result.steps} steps: val loss {val}; run saved in {result.run_dir}"
               + (" (stopped early)" if result.stopped_early else ""))

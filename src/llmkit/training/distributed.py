@@ -3,6 +3,7 @@ global batch and DDP averages the gradients; rank 0 alone logs and writes files.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +24,11 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+
+def main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun launch (or not launched by torchrun at all)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device_type: str, timeout: float = 600) -> DistEnv:
@@ -77,7 +83,8 @@ def lost_peer(error: BaseException) -> bool:
 
 def peer_lost_message(env: DistEnv, error: BaseException, checkpoint) -> str:
     """The one line every surviving rank prints."""
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:160]  # gloo's "[.../pair.cc:553] " prefix off
     where = (f"the last complete checkpoint is {checkpoint}: relaunch with --resume" if checkpoint is not None
              else "no checkpoint was written yet")
     return (f"rank {env.rank} of {env.world} lost contact with the other ranks (one died, was killed or hangs past "

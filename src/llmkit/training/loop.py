@@ -232,7 +232,7 @@ def set_up(cfg: TrainConfig) -> Run:
             method.task_type = task.peft_task_type
         groups = method.param_groups(raw_model, cfg.weight_decay)
         names = {id(p): n for n, p in raw_model.named_parameters()}
-        raw_model = strategy.prepare(raw_model)  # fully_shard / parallelize_module replace the parameters
+        raw_model = strategy.prepare(raw_model, method)  # fully_shard / parallelize_module replace the parameters
         optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
                                     groups=_regroup(groups, names, raw_model), extra=strategy.optimizer_options())
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -366,9 +366,10 @@ def save_result(run: Run) -> None:
     model = whole_model(run)
     if not run.env.is_main:
         return
-    if run.method.saves_adapter:
+    if run.method.saves_adapter:  # a sharded run's method copy points into its gathered model
         base = str(Path(run.cfg.init_from).resolve()) if run.cfg.init_from else None
-        save_adapter(model, run.method, run.run_dir, base_model=base)
+        method = run.strategy.method if run.strategy.sharded else run.method
+        save_adapter(model, method, run.run_dir, base_model=base)
     else:
         save_model(model, run.run_dir)
 

@@ -68,6 +68,7 @@ class Parallelism:
         self.cfg, self.env, self.device = cfg, env, device
         self.own_group = False  # a process group of one started here (a sharded strategy without torchrun)
         self.replica: nn.Module | None = None  # rank 0's unsharded meta copy, for saving (sharded only)
+        self.method: Any = None  # the fine-tuning method (its copy bound to the replica, once sharded)
 
     # --- which batch ---
     @property
@@ -79,8 +80,11 @@ class Parallelism:
         return self.env.world
 
     # --- the model ---
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Before the optimizer is built: activation checkpointing when asked (names unchanged)."""
+    def prepare(self, model: nn.Module, method: Any = None) -> nn.Module:
+        """Before the optimizer is built: activation checkpointing when asked (names unchanged).
+        `method`: the fine-tuning method applied to `model` (a sharded strategy keeps a copy of it
+        bound to its replica, to save the adapter from)."""
+        self.method = method if self.method is None else self.method
         if getattr(self.cfg, "activation_checkpointing", False):
             from llmkit.training.activation_checkpointing import apply_activation_checkpointing
             apply_activation_checkpointing(model)
@@ -150,10 +154,11 @@ class Sharded(Parallelism):
     def accumulating(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # FSDP2 reduce-scatters every micro-batch into sharded grads
 
-    def keep_replica(self, model: nn.Module) -> None:
-        """Before sharding: rank 0 keeps the model's structure on the meta device (no memory)."""
+    def keep_replica(self, model: nn.Module, method: Any) -> None:
+        """Before sharding: rank 0 keeps the model's structure on the meta device (no memory), and
+        a copy of the fine-tuning method that points into it."""
         if self.env.is_main:
-            self.replica = meta_replica(model)
+            self.replica, self.method = meta_replica(model, method)
 
     def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
@@ -226,11 +231,11 @@ class FullyShardedDataParallel(Sharded):
     def dp_mesh(self):
         return self.mesh
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, method: Any = None) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
-        self.keep_replica(model)
+        self.keep_replica(model, method)
         self.tensor_parallel(model)  # TP first: its plan finds attn / mlp / norms by name
-        model = super().prepare(model)
+        model = super().prepare(model, method)
         opts = self.fsdp_options()
         for blocks in block_lists(model):
             for block in blocks:
@@ -280,10 +285,10 @@ class TensorParallel(_TensorParallelMixin, Sharded):
         from torch.distributed.device_mesh import init_device_mesh
         return init_device_mesh(self.device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.keep_replica(model)
+    def prepare(self, model: nn.Module, method: Any = None) -> nn.Module:
+        self.keep_replica(model, method)
         self.split(model, self.mesh)
-        return super().prepare(model)
+        return super().prepare(model, method)
 
 
 @register_parallelism("fsdp+tp")
@@ -352,14 +357,18 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return sq.sqrt()
 
 
-def meta_replica(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` whose parameters are on the meta device (no memory):
-    the structure into which gathered weights are loaded (`load_state_dict(assign=True)`); tied
-    parameters stay tied."""
+def meta_replica(model: nn.Module, method: Any = None) -> tuple[nn.Module, Any]:
+    """A deep copy of `model` whose parameters are on the meta device (no memory): the structure
+    into which gathered weights are loaded (`load_state_dict(assign=True)`); tied parameters stay
+    tied. With it a copy of the fine-tuning `method`, whose references to wrapped modules point
+    into the copy (its tokenizer shared, not copied)."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo.setdefault(id(p), nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
-    return copy.deepcopy(model, memo)  # buffers (RoPE tables, small) are copied as they are
+    tokenizer = getattr(method, "tokenizer", None)
+    if tokenizer is not None:
+        memo[id(tokenizer)] = tokenizer
+    return copy.deepcopy((model, method), memo)  # buffers (RoPE tables, small) are copied as they are
 
 
 def world_tokens(cfg: Any, strategy: Parallelism, tokens_per_example: int) -> int:
