@@ -160,3 +160,53 @@ def test_native_fast_paths_step_aside_for_dtensor_shards():
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def test_tensor_parallel_with_and_without_sequence_parallel_equals_one_process(corpus, tmp_path):
+    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
+    want = losses(tmp_path / "one")
+    for i, extra in enumerate([(), ("--sequence-parallel",)]):
+        out = tmp_path / f"tp{i}"
+        run_cli(flags(corpus, out, "--batch-size", "8", "--parallel", "tp", *extra), nproc=2, port=PORT + 11 + i)
+        assert_close(losses(out), want)
+    # the TP run's checkpoint holds q|k|v in the model's own order: it loads in one plain process
+    x = torch.randint(0, 50, (2, 16))
+    got = load_model(tmp_path / "tp0" / "checkpoints" / "step-0000006")(x)
+    assert (got - load_model(tmp_path / "one")(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_by_tp_on_a_two_by_two_mesh_equals_one_process(corpus, tmp_path):
+    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
+    run_cli(flags(corpus, tmp_path / "2d", "--batch-size", "4", "--parallel", "fsdp+tp", "--tp-size", "2"), nproc=4,
+            port=PORT + 13)
+    assert_close(losses(tmp_path / "2d"), losses(tmp_path / "one"))
+
+
+def test_lora_under_fsdp_equals_one_process_and_saves_the_same_adapter(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    run_cli(flags(corpus, tmp_path / "base", "--batch-size", "8", steps=3))
+    tune = ["--data", str(corpus), "--max-steps", "4", "--log-every", "1", "--eval-every", "0", "--eval-batches", "2",
+            "--ckpt-every", "2", "--warmup-steps", "1", "--lr", "3e-3", "--context-length", "32", "--no-progress"]
+    run_cli(["finetune", str(tmp_path / "base"), *tune, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    run_cli(["finetune", str(tmp_path / "base"), *tune, "--out", str(tmp_path / "two"), "--batch-size", "4",
+             "--parallel", "fsdp"], nproc=2, port=PORT + 14)
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ckpt = tmp_path / "two" / "checkpoints" / "step-0000004" / "dcp"
+    assert ckpt.is_dir()  # only the adapter's tensors are in it
+    from llmkit.model_io import read_sharded
+    assert set(read_sharded(ckpt)) == {n for n in read_sharded(ckpt) if "lora" in n}
+
+
+def test_tensor_parallel_refuses_adapters(corpus, tmp_path):
+    run = tmp_path / "base"
+    train(build_train_config(data=str(corpus), out=str(run), preset="baby-gpt", n_layers=1, d_model=32, n_heads=2,
+                             context_length=16, batch_size=2, max_steps=1, eval_every=0, ckpt_every=0, progress=False))
+    cfg = build_train_config(data=str(corpus), out=str(tmp_path / "tune"), init_from=str(run), method="lora",
+                             parallel="tp", context_length=16, max_steps=1, progress=False)
+    with pytest.raises(UserError, match="--parallel tp trains the whole model"):
+        train(cfg)

@@ -15,7 +15,7 @@ from llmkit.outputs import write_error_message
 
 OUT_OF_MEMORY = "out of memory: lower --batch-size (or the model, context or data size)"
 
-VERBS = ["train", "finetune", "merge", "generate", "chat", "embed", "classify", "demo", "convert", "data", "tokenizer", "presets", "info"]
+VERBS = ["train", "finetune", "merge", "generate", "chat", "embed", "classify", "demo", "convert", "data", "tokenizer", "presets", "info", "plan"]
 
 
 class _Parser(argparse.ArgumentParser):
