@@ -210,3 +210,31 @@ def test_tensor_parallel_refuses_adapters(corpus, tmp_path):
                              parallel="tp", context_length=16, max_steps=1, progress=False)
     with pytest.raises(UserError, match="--parallel tp trains the whole model"):
         train(cfg)
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt", "ia3"])
+def test_adapter_methods_train_save_and_resume_under_fsdp(corpus, tmp_path, method):
+    base = tmp_path / "base"
+    train(build_train_config(data=str(corpus), out=str(base), preset="baby-gpt", n_layers=1, d_model=32, n_heads=2,
+                             context_length=24, batch_size=2, max_steps=1, eval_every=0, ckpt_every=0, progress=False))
+    kw = dict(data=str(corpus), init_from=str(base), method=method, context_length=4 if method == "prompt" else 24,
+              batch_size=4, max_steps=4, log_every=1, eval_every=0, ckpt_every=2, warmup_steps=1, lr=3e-3,
+              progress=False, **({"virtual_tokens": 20} if method == "prompt" else {}))
+    train(build_train_config(out=str(tmp_path / "plain"), **kw))
+    train(build_train_config(out=str(tmp_path / "fsdp"), parallel="fsdp", **kw))
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "plain"), tol=1e-4)
+    assert (tmp_path / "fsdp" / "adapter_model.safetensors").is_file()
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-0000004")
+    train(build_train_config(out=str(tmp_path / "fsdp"), parallel="fsdp", resume=True, **kw))
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "plain"), tol=1e-4)
+
+
+def test_prompt_tuning_that_overflows_learned_positions_is_refused(corpus, tmp_path):
+    base = tmp_path / "base"
+    train(build_train_config(data=str(corpus), out=str(base), preset="baby-gpt", n_layers=1, d_model=32, n_heads=2,
+                             context_length=24, batch_size=2, max_steps=1, eval_every=0, ckpt_every=0, progress=False))
+    cfg = build_train_config(data=str(corpus), out=str(tmp_path / "t"), init_from=str(base), method="prompt",
+                             max_steps=1, progress=False)
+    with pytest.raises(UserError, match="give --context-length 4 or less"):
+        train(cfg)
+    assert not (tmp_path / "t").exists()

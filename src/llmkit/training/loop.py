@@ -223,6 +223,7 @@ def set_up(cfg: TrainConfig) -> Run:
         method.tokenizer_name = cfg.init_from if cfg.init_from and Path(cfg.init_from).is_dir() else None
         torch.manual_seed(cfg.seed)  # the method's new weights (LoRA's A) are a function of the seed
         model = task.build_model(device)
+        check_virtual_tokens(cfg, model)
         heads = task.new_modules(model)  # a task's new head trains whatever the method
         before = base_perplexity(cfg, env, task, model, run_dir)  # forgetting: measured on the base itself
         window = replay_context(cfg, model) if cfg.replay_data else 0
@@ -258,6 +259,18 @@ def _regroup(groups: list[dict] | None, names: dict[int, str], model: torch.nn.M
         return None
     now = dict(model.named_parameters())
     return [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
+
+
+def check_virtual_tokens(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Prompt and prefix tuning put virtual tokens before every window: with learned positions the
+    two together must fit the positions the model has."""
+    if cfg.method not in ("prompt", "prefix") or getattr(model.cfg, "position", None) != "learned":
+        return
+    have, window = model.cfg.context_length, cfg.context_length or model.cfg.context_length
+    if window + cfg.virtual_tokens > have:
+        raise UserError(f"--method {cfg.method} puts {cfg.virtual_tokens} virtual tokens before each window of "
+                        f"{window} tokens, and the model has {have} learned positions: give --context-length "
+                        f"{max(have - cfg.virtual_tokens, 1)} or less (or fewer --virtual-tokens)")
 
 
 def replay_context(cfg: TrainConfig, model: torch.nn.Module) -> int:

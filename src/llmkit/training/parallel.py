@@ -207,7 +207,7 @@ class Sharded(Parallelism):
         missing, unexpected = replica.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"the gathered weights do not fit the model: missing {missing[:3]}, extra {unexpected[:3]}")
-        tie_weights(replica)
+        tie_weights(getattr(replica, "base_model", replica))  # a prompt / prefix wrapper holds the model inside
         return replica
 
 
