@@ -33,6 +33,7 @@ from llmkit.training import sharded_checkpoint as SC
 from llmkit.training.checkpoint import (latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint,
                                        save_sharded_checkpoint)
 from llmkit.training.config import TrainConfig
+from llmkit.training.grad_norms import flag_layers, layer_grad_norms, plot_grad_norms
 from llmkit.training.forgetting import ReplayMixer, forgetting_report, perplexity
 from llmkit.training.metrics import MetricsLog, peak_flops, plot_loss_curve
 from llmkit.training.optim import build_optimizer
@@ -149,6 +150,7 @@ class Run:
     signals: StopSignals | None = None  # set by `train`
     lr: float = 0.0  # of the last step
     nonfinite: tuple[str, float] | None = None  # what was NaN/inf in the last step ("loss", nan), if anything
+    grad_norms: dict[str, float] | None = None  # per layer, of the last step that logs
     # results so far
     last_loss: float | None = None
     val_loss: float | None = None
@@ -485,10 +487,19 @@ def _unscale_and_clip(run: Run) -> torch.Tensor | None:
     without clipping, where the gradients stay scaled and the scaler checks them itself."""
     if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
+        measure_layer_norms(run)
         return run.strategy.clip(list(run.raw_model.parameters()), run.cfg.grad_clip)
     if run.scaler.is_enabled():
         return None
+    measure_layer_norms(run)
     return run.strategy.grad_norm(list(run.raw_model.parameters()))
+
+
+def measure_layer_norms(run: Run) -> None:
+    """On a step that logs: each layer's gradient norm before clipping (every rank: sharded
+    gradients are summed across them), for the log line and its vanishing / exploding check."""
+    step, cfg = run.progress.step + 1, run.cfg
+    run.grad_norms = layer_grad_norms(run.raw_model) if step % cfg.log_every == 0 or step == cfg.max_steps else None
 
 
 def _nonfinite(run: Run, loss_sum: torch.Tensor, norm: torch.Tensor | None) -> tuple[str, float] | None:
@@ -586,6 +597,12 @@ def log_step(run: Run, lr: float) -> dict:
                   "tokens_per_sec": tps, "mfu": run.flops_per_token * tps / run.peak}
         if skipped:
             record["skipped_steps"] = skipped  # left out of the means
+        if run.grad_norms:
+            record["grad_norms"] = run.grad_norms
+            warnings = flag_layers(run.grad_norms)
+            if warnings:
+                record["grad_warnings"] = warnings
+                run.bar.write(f"step {step}: " + "; ".join(warnings))
         if run.log:
             run.log.log(**record)
         run.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | mfu {record['mfu']:.1%}")
@@ -723,6 +740,7 @@ def finish(run: Run) -> TrainResult:
             print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
                   flush=True)
         plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+        plot_grad_norms(run.run_dir / "metrics.jsonl", run.run_dir / "grad_norms.png")
     D.barrier(run.env)
     run.strategy.close()
     D.shutdown(run.env)
