@@ -13,7 +13,6 @@ equals `torch.nn.utils.get_total_norm` over the full gradients.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmkit.outputs import temp_path
 
 # first name component -> layer group, for the decoder's (and encoders') parts outside `blocks`
 GROUP_NAMES = {"tok_emb": "embeddings", "pos": "embeddings", "emb_norm": "embeddings", "shared": "embeddings",
@@ -150,7 +148,7 @@ def grad_norm_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 def plot_grad_norms(metrics_jsonl: Path, out_png: Path) -> Path | None:
     """Each layer's gradient norm against step (log scale) as a PNG, written atomically; None when
     no train record carries `grad_norms`."""
-    from llmkit.training.metrics import MetricsLog
+    from llmkit.training.metrics import MetricsLog, save_figure
 
     series = grad_norm_series(MetricsLog.read(Path(metrics_jsonl)))
     if not series:
@@ -173,14 +171,4 @@ def plot_grad_norms(metrics_jsonl: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1, loc="best")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = temp_path(out_png)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return out_png
+    return save_figure(fig, Path(out_png))

@@ -114,6 +114,13 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     tmp = temp_path(out_png)
     try:
         fig.savefig(tmp, format="png")
@@ -123,4 +130,4 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
         raise
     finally:
         plt.close(fig)
-    return out_png
+    return Path(out_png)
