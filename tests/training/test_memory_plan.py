@@ -15,6 +15,14 @@ import torch
 
 from llmkit.cli.main import main
 from llmkit.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def fast_paths_back():
+    """The worker's `build` turns llmkit's fast paths off for the whole process: back on after each test."""
+    yield
+    import llmkit.accel
+    llmkit.accel.register()
 from llmkit.errors import UserError
 from llmkit.models import kinds
 from llmkit.training.memory_plan import GIB, gpu_memory, parse_size, plan

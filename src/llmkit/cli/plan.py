@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
                    help="compute dtype (bf16 / fp16: autocast over fp32 weights; auto on a GPU is bf16)")
     p.add_argument("--tp-size", type=_positive, default=1, help="tensor-parallel group size (tp, fsdp+tp)")
-    p.add_argument("--zero", type=int, default=3, choices=(2, 3), help="FSDP's ZeRO stage: 3 shards parameters too")
+    p.add_argument("--zero", type=lambda v: int(v) if v in ("2", "3") else _bad_zero(v), default=3, help="FSDP's ZeRO stage: 3 shards parameters too")
     p.add_argument("--mixed-precision", default="none", choices=("none", "bf16"),
                    help="FSDP: gather and compute in bf16, reduce gradients in fp32")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -110,3 +110,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"does not fit in {size} ({_gib(p.peak - device_bytes)} GiB over): try {', '.join(tips)}")
     return 0
+
+
+def _bad_zero(value: str) -> int:
+    raise argparse.ArgumentTypeError(f"--zero takes 2 or 3, not {value!r}")
