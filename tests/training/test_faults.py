@@ -30,6 +30,7 @@ PARALLEL = ["ddp", pytest.param("fsdp", marks=NO_FSDP)]
 PARALLEL_SLOW_FSDP = ["ddp", pytest.param("fsdp", marks=[NO_FSDP, pytest.mark.slow])]  # fsdp: > 20 s here
 EXIT_BOUND = 60  # seconds from a rank's death to the exit of torchrun and every rank
 CHAOS_STEPS, CKPT_EVERY = 20, 2
+SAFE_END = 4  # a step kill lands at most at step CHAOS_STEPS - SAFE_END (plus its delay)
 
 
 @pytest.fixture(autouse=True)
@@ -214,10 +215,12 @@ def place(point: tuple[int, bool, int, float], start: int, max_steps: int) -> Ki
     """A drawn kill point in a launch that resumes at step `start`: `ahead` steps (or checkpoints) on,
     after the first checkpoint, before the end."""
     rank, in_ckpt, ahead, delay = point
+    assert start < max_steps, f"an earlier kill fell after the last checkpoint ({start}): no launch left to kill"
     if in_ckpt:
         step = min(start - start % CKPT_EVERY + CKPT_EVERY * ahead, max_steps)
         return KillPoint(rank, step, True, delay)
-    return KillPoint(rank, min(max(start + ahead, CKPT_EVERY + 1), max_steps - 1), False, delay)
+    # a step kill stays SAFE_END steps clear of the end: its delay must not let the run finish first
+    return KillPoint(rank, min(max(start + ahead, CKPT_EVERY + 1), max_steps - SAFE_END), False, delay)
 
 
 def kill_and_check_exit(run: Torchrun, point: KillPoint, run_dir: Path) -> tuple[float, int]:
