@@ -213,6 +213,7 @@ def main(specs_path: str, out_path: str) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"world": world, "results": results}, f)
+    dist.barrier()  # no rank tears its group down while another still uses it (gloo aborts)
     dist.destroy_process_group()
 
 

@@ -49,6 +49,14 @@ def run_cli(args: list[str], nproc: int = 1, port: int = PORT) -> subprocess.Com
     return done
 
 
+@pytest.fixture(scope="module")
+def one(corpus, tmp_path_factory) -> Path:
+    """The reference: one plain process on the global batch of 8 (the runs below split it)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_cli(flags(corpus, out, "--batch-size", "8"))
+    return out
+
+
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in MetricsLog.read(run_dir / "metrics.jsonl") if r["event"] == "train"]
 
@@ -70,9 +78,8 @@ def test_fsdp_in_one_process_equals_plain_training(corpus, tmp_path):
     assert (a(x) - b(x)).abs().max().item() < 1e-5
 
 
-def test_two_processes_fsdp_zero3_zero2_and_ddp_equal_one_process(corpus, tmp_path):
-    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
-    want = losses(tmp_path / "one")
+def test_two_processes_fsdp_zero3_zero2_and_ddp_equal_one_process(corpus, tmp_path, one):
+    want = losses(one)
     for i, extra in enumerate([("--parallel", "fsdp"), ("--parallel", "fsdp", "--zero", "2"), ("--parallel", "ddp")]):
         out = tmp_path / f"two{i}"
         run_cli(flags(corpus, out, "--batch-size", "4", *extra), nproc=2, port=PORT + i)
@@ -82,10 +89,15 @@ def test_two_processes_fsdp_zero3_zero2_and_ddp_equal_one_process(corpus, tmp_pa
 
 
 @pytest.mark.slow
-def test_four_processes_fsdp_equal_one_process(corpus, tmp_path):
-    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
-    run_cli(flags(corpus, tmp_path / "four", "--batch-size", "2", "--parallel", "fsdp"), nproc=4, port=PORT + 5)
-    assert_close(losses(tmp_path / "four"), losses(tmp_path / "one"))
+@pytest.mark.parametrize("extra", [("--batch-size", "2", "--parallel", "ddp"), ("--batch-size", "2", "--parallel", "fsdp"),
+                                   ("--batch-size", "8", "--parallel", "tp", "--tp-size", "4")], ids=lambda e: e[3])
+def test_four_processes_equal_one_process(corpus, tmp_path, one, extra):
+    """DDP and FSDP2 split the batch of 8 four ways; TP over 4 ranks splits every block's heads
+    (4 heads: one each) and MLP, each rank seeing the whole batch."""
+    port = PORT + {"ddp": 15, "fsdp": 5, "tp": 16}[extra[3]]
+    run_cli(flags(corpus, tmp_path / "four", *extra), nproc=4, port=port)
+    assert_close(losses(tmp_path / "four"), losses(one))
+    assert MetricsLog.read(tmp_path / "four" / "metrics.jsonl")[0]["world"] == 4
 
 
 def test_sharded_checkpoint_of_two_processes_loads_at_one_and_four_and_resumes_exactly(corpus, tmp_path):
@@ -162,9 +174,8 @@ def test_native_fast_paths_step_aside_for_dtensor_shards():
             dist.destroy_process_group()
 
 
-def test_tensor_parallel_with_and_without_sequence_parallel_equals_one_process(corpus, tmp_path):
-    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
-    want = losses(tmp_path / "one")
+def test_tensor_parallel_with_and_without_sequence_parallel_equals_one_process(corpus, tmp_path, one):
+    want = losses(one)
     for i, extra in enumerate([(), ("--sequence-parallel",)]):
         out = tmp_path / f"tp{i}"
         run_cli(flags(corpus, out, "--batch-size", "8", "--parallel", "tp", *extra), nproc=2, port=PORT + 11 + i)
@@ -172,15 +183,14 @@ def test_tensor_parallel_with_and_without_sequence_parallel_equals_one_process(c
     # the TP run's checkpoint holds q|k|v in the model's own order: it loads in one plain process
     x = torch.randint(0, 50, (2, 16))
     got = load_model(tmp_path / "tp0" / "checkpoints" / "step-0000006")(x)
-    assert (got - load_model(tmp_path / "one")(x)).abs().max().item() < 1e-4
+    assert (got - load_model(one)(x)).abs().max().item() < 1e-4
 
 
 @pytest.mark.slow
-def test_fsdp_by_tp_on_a_two_by_two_mesh_equals_one_process(corpus, tmp_path):
-    run_cli(flags(corpus, tmp_path / "one", "--batch-size", "8"))
+def test_fsdp_by_tp_on_a_two_by_two_mesh_equals_one_process(corpus, tmp_path, one):
     run_cli(flags(corpus, tmp_path / "2d", "--batch-size", "4", "--parallel", "fsdp+tp", "--tp-size", "2"), nproc=4,
             port=PORT + 13)
-    assert_close(losses(tmp_path / "2d"), losses(tmp_path / "one"))
+    assert_close(losses(tmp_path / "2d"), losses(one))
 
 
 def test_lora_under_fsdp_equals_one_process_and_saves_the_same_adapter(corpus, tmp_path):

@@ -256,6 +256,7 @@ def main() -> None:
                 worst[k] = v
         if dist.get_rank() == 0:
             print("RESULT", name, json.dumps(worst), flush=True)
+    dist.barrier()  # no rank tears its group down while another still uses it (gloo aborts)
     dist.destroy_process_group()
 
 
