@@ -216,11 +216,12 @@ def place(point: tuple[int, bool, int, float], start: int, max_steps: int) -> Ki
     after the first checkpoint, before the end."""
     rank, in_ckpt, ahead, delay = point
     assert start < max_steps, f"an earlier kill fell after the last checkpoint ({start}): no launch left to kill"
-    if in_ckpt:
-        step = min(start - start % CKPT_EVERY + CKPT_EVERY * ahead, max_steps)
-        return KillPoint(rank, step, True, delay)
-    # a step kill stays SAFE_END steps clear of the end: its delay must not let the run finish first
-    return KillPoint(rank, min(max(start + ahead, CKPT_EVERY + 1), max_steps - SAFE_END), False, delay)
+    step = max(start + ahead, CKPT_EVERY + 1)
+    # a step kill stays SAFE_END steps clear of the end (its delay must not let the run finish first);
+    # one drawn closer becomes a kill inside a checkpoint write, which the test hook holds still
+    if in_ckpt or step > max_steps - SAFE_END:
+        return KillPoint(rank, min(start - start % CKPT_EVERY + CKPT_EVERY * ahead, max_steps), True, delay)
+    return KillPoint(rank, step, False, delay)
 
 
 def kill_and_check_exit(run: Torchrun, point: KillPoint, run_dir: Path) -> tuple[float, int]:
