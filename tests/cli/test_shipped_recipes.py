@@ -34,16 +34,12 @@ def _kind(recipe: Path, tmp_path: Path) -> str:
     return kinds.all_presets()[cfg.preset].name
 
 
-def _param(recipe: Path):
-    absent = _absent_init(recipe)
-    return pytest.param(recipe, marks=pytest.mark.skip(reason=f"{absent} is not present")) if absent else recipe
-
-
-PRESENT = [r for r in RECIPES if not _absent_init(r)]
-DECODER_RECIPES = [r for r in PRESENT if _kind(r, Path("/nonexistent")) == "decoder"]
-OTHER_RECIPES = [r for r in PRESENT if r not in DECODER_RECIPES]
+ABSENT = {r: _absent_init(r) for r in RECIPES}
+PRESENT = [r for r in RECIPES if not ABSENT[r]]
+OTHER_RECIPES = [r for r in PRESENT if _kind(r, Path("/nonexistent")) != "decoder"]
 # a recipe that starts from ../shared/data's weights is a decoder's (stories260K): skipped when absent
-DECODER_RECIPES += [_param(r) for r in RECIPES if _absent_init(r)]
+DECODER_RECIPES = [r for r in PRESENT if r not in OTHER_RECIPES] + [
+    pytest.param(r, marks=pytest.mark.skip(reason=f"{ABSENT[r]} is not present")) for r in RECIPES if ABSENT[r]]
 
 
 @pytest.mark.parametrize("recipe", OTHER_RECIPES, ids=lambda p: p.stem)
